@@ -1,0 +1,149 @@
+"""Tensor-list kernels behind the optimizers: one multi-tensor (foreach) path, one single-tensor path.
+
+Every optimizer step in this package is written once, against :class:`TensorListOps`. The two
+implementations compute the same arithmetic; the foreach one launches one kernel per operation for
+the whole list (``torch._foreach_*``), the single-tensor one loops over tensors in Python and is the
+readable reference. :func:`select_ops` is the one place that picks a path, as torch's
+``_default_to_fused_or_foreach`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+TensorList = list[Tensor]
+
+
+class TensorListOps:
+    """Single-tensor reference path: a Python loop of ordinary torch ops."""
+
+    def norms(self, xs: Sequence[Tensor]) -> Tensor:
+        """The 2-norm of every tensor, stacked into one fp32 vector of ``len(xs)``."""
+        if not xs:
+            return torch.empty(0)
+        return torch.stack([torch.linalg.vector_norm(x, dtype=torch.float32) for x in xs])
+
+    def add(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0) -> TensorList:
+        return [x.add(y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
+
+    def add_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0) -> None:
+        for x, y in zip(xs, ys, strict=True):
+            x.add_(y, alpha=alpha)
+
+    def sub(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+        return [x.sub(y) for x, y in zip(xs, ys, strict=True)]
+
+    def mul(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+        return [x.mul(y) for x, y in zip(xs, ys, strict=True)]
+
+    def mul_(self, xs: Sequence[Tensor], ys: Sequence[Tensor] | float) -> None:
+        factors = ys if isinstance(ys, Sequence) else [ys] * len(xs)
+        for x, y in zip(xs, factors, strict=True):
+            x.mul_(y)
+
+    def div(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+        return [x.div(y) for x, y in zip(xs, ys, strict=True)]
+
+    def div_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        for x, y in zip(xs, ys, strict=True):
+            x.div_(y)
+
+    def copy_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        for x, y in zip(xs, ys, strict=True):
+            x.copy_(y)
+
+    def lerp_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], weight: float) -> None:
+        for x, y in zip(xs, ys, strict=True):
+            x.lerp_(y, weight)
+
+    def addcmul_(
+        self, xs: Sequence[Tensor], ys: Sequence[Tensor], zs: Sequence[Tensor], value: float = 1.0
+    ) -> None:
+        for x, y, z in zip(xs, ys, zs, strict=True):
+            x.addcmul_(y, z, value=value)
+
+    def adam_denominators(
+        self, second_moments: Sequence[Tensor], inverse_sqrt_bias_corrections: Sequence[Tensor], eps: float
+    ) -> TensorList:
+        """Adam's denominators ``sqrt(v) / sqrt(bias_correction2) + eps``, as new tensors."""
+        return [
+            v.sqrt().mul_(factor).add_(eps)
+            for v, factor in zip(second_moments, inverse_sqrt_bias_corrections, strict=True)
+        ]
+
+    def dot(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+        """Per-tensor inner products ``<x, y>`` as one fp32 vector."""
+        if not xs:
+            return torch.empty(0)
+        return torch.stack([torch.sum(x.float() * y.float()) for x, y in zip(xs, ys, strict=True)])
+
+
+class ForeachTensorListOps(TensorListOps):
+    """Multi-tensor path: one ``torch._foreach_*`` kernel per operation for the whole list."""
+
+    def norms(self, xs: Sequence[Tensor]) -> Tensor:
+        if not xs:
+            return torch.empty(0)
+        return torch.stack(torch._foreach_norm(list(xs), 2, dtype=torch.float32))
+
+    def add(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0) -> TensorList:
+        return list(torch._foreach_add(list(xs), list(ys), alpha=alpha)) if xs else []
+
+    def add_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0) -> None:
+        if xs:
+            torch._foreach_add_(list(xs), list(ys), alpha=alpha)
+
+    def sub(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_sub(list(xs), list(ys))) if xs else []
+
+    def mul(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_mul(list(xs), list(ys))) if xs else []
+
+    def mul_(self, xs: Sequence[Tensor], ys: Sequence[Tensor] | float) -> None:
+        if xs:
+            torch._foreach_mul_(list(xs), list(ys) if isinstance(ys, Sequence) else ys)
+
+    def div(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_div(list(xs), list(ys))) if xs else []
+
+    def div_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        if xs:
+            torch._foreach_div_(list(xs), list(ys))
+
+    def copy_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        if xs:
+            torch._foreach_copy_(list(xs), list(ys))
+
+    def lerp_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], weight: float) -> None:
+        if xs:
+            torch._foreach_lerp_(list(xs), list(ys), weight)
+
+    def addcmul_(
+        self, xs: Sequence[Tensor], ys: Sequence[Tensor], zs: Sequence[Tensor], value: float = 1.0
+    ) -> None:
+        if xs:
+            torch._foreach_addcmul_(list(xs), list(ys), list(zs), value=value)
+
+    def adam_denominators(
+        self, second_moments: Sequence[Tensor], inverse_sqrt_bias_corrections: Sequence[Tensor], eps: float
+    ) -> TensorList:
+        if not second_moments:
+            return []
+        denominators = torch._foreach_sqrt(list(second_moments))
+        torch._foreach_mul_(denominators, list(inverse_sqrt_bias_corrections))
+        torch._foreach_add_(denominators, eps)
+        return list(denominators)
+
+
+SINGLE_TENSOR_OPS = TensorListOps()
+FOREACH_OPS = ForeachTensorListOps()
+
+
+def select_ops(foreach: bool | None, tensors: Sequence[Tensor]) -> TensorListOps:
+    """Pick the kernel path: ``foreach=None`` means foreach unless a tensor is sparse or on the meta device."""
+    if foreach is None:
+        foreach = not any(t.is_sparse or t.device.type == "meta" for t in tensors)
+    return FOREACH_OPS if foreach else SINGLE_TENSOR_OPS

@@ -1,0 +1,407 @@
+r"""CBLR: a curvature-based learning rate for every layer (Gao & Zhong, arXiv 2012.08795).
+
+A *layer* is one parameter tensor. For layer :math:`l` with weights :math:`w`, gradient :math:`g`,
+weight decay :math:`\beta`, momentum :math:`\mu`, learning rate :math:`\eta` (the scheduler's value)
+and trust coefficient :math:`\tau`:
+
+.. math::
+
+    c_l &\leftarrow \alpha\, c_l + (1 - \alpha)\, \hat c_l
+        \quad\text{(EMA of the estimator's } \hat c_l\text{; kept when } \hat c_l \text{ is not finite or } \le 0)\\
+    r_l &= \operatorname{clamp}\big(\tau / (c_l + \epsilon_c),\ r_{\min},\ r_{\max}\big)
+        \quad (r_l = 1 \text{ outside the adaptation mask and before the first estimate})\\[4pt]
+    \textbf{SGD base: } d &= g + \beta w,\quad b \leftarrow \mu b + (1 - \text{dampening})\, r_l d,
+        \quad w \leftarrow w - \eta\, b \quad(\text{Nesterov: } w \leftarrow w - \eta (r_l d + \mu b))\\
+    \textbf{Adam base: } m &\leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
+        u = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \beta w,\quad w \leftarrow w - \eta\, r_l\, u
+
+With ``curvature="weight_norm"`` the SGD base is LARS and the Adam base is LAMB, number for number.
+The estimators live in :mod:`hf_cblr.optim.curvature`; the full derivation in ``docs/algorithm.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from hf_cblr.optim._tensor_ops import TensorList, select_ops
+from hf_cblr.optim.curvature import (
+    AGGREGATES,
+    CURVATURE_ESTIMATORS,
+    Closure,
+    LayerBatch,
+    create_curvature_estimator,
+)
+
+BASES = ("sgd", "adam")
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, include_low: bool = True,
+                  include_high: bool = True) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in the interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    above_low = value >= low if include_low else value > low
+    below_high = value <= high if include_high else value < high
+    if math.isnan(value) or not above_low or not below_high:
+        interval = f"{'[' if include_low else '('}{low}, {high}{']' if include_high else ')'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def _check_mask(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be None (tensors with ndim > 1), True or False, got {value!r}")
+
+
+def validate_group(group: dict[str, Any]) -> None:
+    """Check one param group's hyperparameters; errors name the argument and its valid values."""
+    _check_number("lr", group["lr"], 0.0, math.inf, include_high=False)
+    _check_number("momentum", group["momentum"], 0.0, 1.0, include_high=False)
+    _check_number("dampening", group["dampening"], 0.0, 1.0)
+    _check_number("weight_decay", group["weight_decay"], 0.0, math.inf, include_high=False)
+    _check_number("trust", group["trust"], 0.0, math.inf, include_low=False, include_high=False)
+    _check_number("curvature_ema", group["curvature_ema"], 0.0, 1.0, include_high=False)
+    _check_number("curvature_eps", group["curvature_eps"], 0.0, math.inf, include_high=False)
+    _check_number("max_ratio", group["max_ratio"], 0.0, math.inf, include_low=False)
+    _check_number("min_ratio", group["min_ratio"], 0.0, group["max_ratio"])
+    _check_number("eps", group["eps"], 0.0, math.inf, include_high=False)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    _check_number("betas[0]", betas[0], 0.0, 1.0, include_high=False)
+    _check_number("betas[1]", betas[1], 0.0, 1.0, include_high=False)
+    if not isinstance(group["nesterov"], bool):
+        raise TypeError(f"nesterov must be True or False, got {group['nesterov']!r}")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+    _check_mask("weight_decay_mask", group["weight_decay_mask"])
+    _check_mask("adaptation_mask", group["adaptation_mask"])
+
+
+class CBLR(Optimizer):
+    r"""Curvature-based layer-wise learning rate on a momentum-SGD or Adam base.
+
+    Args:
+        params: parameters, named parameters (``model.named_parameters()``), or param groups.
+        lr: base learning rate :math:`\eta`; the step of layer ``l`` is :math:`\eta\, r_l` times the
+            base direction.
+        momentum, dampening, nesterov: momentum SGD, as ``torch.optim.SGD`` (SGD base only).
+        weight_decay: :math:`\beta`, inside the direction (coupled for SGD, decoupled AdamW-style for Adam).
+        trust: :math:`\tau`, the numerator of the layer rate :math:`r_l = \tau / c_l`.
+        curvature: estimator name, one of :data:`~hf_cblr.optim.curvature.CURVATURE_ESTIMATORS`:
+            ``secant`` (default), ``secant_elementwise``, ``weight_norm``, ``hvp``, ``fd``, ``hutchinson``.
+        aggregate: ``mean`` or ``median`` of per-element curvatures (element-wise estimators).
+        curvature_ema: :math:`\alpha`, the EMA factor smoothing the estimates (0: no smoothing).
+        curvature_eps: :math:`\epsilon_c`, added to the curvature in the rate's denominator.
+        update_interval: estimate every this many steps (``hvp``, ``fd``, ``hutchinson`` only; the
+            others cost no extra pass and estimate every step).
+        max_ratio: :math:`r_{\max}`, the largest layer rate.
+        min_ratio: :math:`r_{\min}`, the smallest layer rate (an extension: see ``docs/algorithm.md``
+            on the secant's collapse under gradient noise).
+        base: ``sgd`` (the paper's rule) or ``adam`` (the same rate on the Adam direction).
+        betas, eps: Adam's moment factors and epsilon (Adam base only).
+        weight_decay_mask, adaptation_mask: which layers get weight decay / a curvature rate:
+            ``None`` (default) means tensors with ``ndim > 1`` (not biases or norm scales),
+            ``True``/``False`` all or none of the group. Set per group to follow parameter names
+            (see :func:`hf_cblr.param_groups`).
+        sample_size: elements per layer sampled, once, for element-wise estimators (None: all).
+        seed: seeds the element samples and Hutchinson probes.
+        fd_step: the norm of the finite-difference perturbation of ``curvature="fd"``.
+        foreach: multi-tensor kernels (``None``: yes where supported) or the single-tensor loop.
+
+    ``step(closure)``: for ``hvp``, ``fd`` and ``hutchinson`` the closure re-evaluates the loss of the
+    batch whose gradient is in ``.grad`` and returns it *without* calling backward; it is called on
+    the steps that estimate curvature, and must be deterministic (no dropout) for ``fd``. For the
+    other estimators a closure is called once, as in ``torch.optim.SGD``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        trust: float = 0.1,
+        curvature: str = "secant",
+        aggregate: str = "mean",
+        curvature_ema: float = 0.9,
+        curvature_eps: float = 1e-8,
+        update_interval: int = 1,
+        max_ratio: float = 10.0,
+        min_ratio: float = 0.0,
+        base: str = "sgd",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay_mask: bool | None = None,
+        adaptation_mask: bool | None = None,
+        sample_size: int | None = 4096,
+        seed: int = 0,
+        fd_step: float = 1e-3,
+        foreach: bool | None = None,
+    ) -> None:
+        if curvature not in CURVATURE_ESTIMATORS:
+            raise ValueError(f"curvature={curvature!r} is not a known estimator; valid values: {sorted(CURVATURE_ESTIMATORS)}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate={aggregate!r} is not valid; valid values: {list(AGGREGATES)}")
+        if base not in BASES:
+            raise ValueError(f"base={base!r} is not valid; valid values: {list(BASES)}")
+        if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
+            raise ValueError(f"update_interval must be an integer >= 1, got {update_interval!r}")
+        if sample_size is not None and (isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1):
+            raise ValueError(f"sample_size must be None (all elements) or an integer >= 1, got {sample_size!r}")
+        if foreach not in (None, True, False):
+            raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
+        _check_number("fd_step", fd_step, 0.0, math.inf, include_low=False, include_high=False)
+        self.estimator = create_curvature_estimator(
+            curvature, aggregate=aggregate, sample_size=sample_size, seed=seed, fd_step=fd_step
+        )
+        if update_interval != 1 and not self.estimator.needs_closure:
+            raise ValueError(
+                f"update_interval={update_interval} applies to the closure estimators 'hvp', 'fd', 'hutchinson'; "
+                f"curvature={curvature!r} costs no extra pass and estimates every step: use update_interval=1"
+            )
+        self.curvature = curvature
+        self.base = base
+        self.update_interval = update_interval
+        self.foreach = foreach
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+            trust=trust, curvature_ema=curvature_ema, curvature_eps=curvature_eps, max_ratio=max_ratio, min_ratio=min_ratio,
+            betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
+        )
+        self._last_layer_stats: dict[str, dict[str, Tensor]] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        validate_group(self.param_groups[-1])
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        loss = None
+        if closure is not None and not self.estimator.needs_closure:
+            with torch.enable_grad():
+                loss = closure()
+        batches = self._collect_batches()
+        if not batches:
+            return loss
+        step = self._advance_step_counters(batches)
+        for batch in batches:
+            if self.base == "sgd":
+                self._sgd_direction(batch)
+            else:
+                self._adam_direction(batch)
+        if not self.estimator.needs_closure or (step - 1) % self.update_interval == 0:
+            losses: list[Tensor] = []
+            estimates = self.estimator.estimate(batches, _recording(closure, losses), step)
+            loss = losses[-1] if losses else loss
+            for batch, estimate in zip(batches, estimates, strict=True):
+                self._smooth_curvature(batch, estimate)
+        for batch, rates in zip(batches, self._layer_rates(batches), strict=True):
+            self._apply_update(batch, rates)
+        return loss
+
+    def _collect_batches(self) -> list[LayerBatch]:
+        batches, first_layer_id = [], 0
+        for group_index, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [f"group{group_index}.{j}" for j in range(len(group["params"]))]
+            members = [(j, p) for j, p in enumerate(group["params"]) if p.grad is not None]
+            for _, param in members:
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if not self.state[param]:
+                    self._init_state(param)
+            if members:
+                params = [p for _, p in members]
+                decayed = [_in_mask(group["weight_decay_mask"], p) for p in params]
+                adapted = [_in_mask(group["adaptation_mask"], p) for p in params]
+                device = params[0].device
+                batches.append(LayerBatch(
+                    group=group,
+                    params=params,
+                    weights=[p if p.dtype == torch.float32 else p.float() for p in params],
+                    grads=[p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params],
+                    states=[self.state[p] for p in params],
+                    names=[names[j] for j, _ in members],
+                    layer_ids=[first_layer_id + j for j, _ in members],
+                    decay=torch.tensor([group["weight_decay"] if d else 0.0 for d in decayed], device=device),
+                    adapt=torch.tensor(adapted, device=device),
+                    ops=select_ops(self.foreach, params),
+                ))
+            first_layer_id += len(group["params"])
+        return batches
+
+    def _init_state(self, param: Tensor) -> None:
+        state = self.state[param]
+        zero = torch.zeros((), dtype=torch.float32, device=param.device)
+        state["step"] = zero.clone()
+        state["curvature"] = zero.clone()  # 0: no estimate yet (valid estimates are > 0)
+        state["update_norm"] = zero.clone()  # |w_t - w_{t-1}| of the last update
+        if self.base == "adam":
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+
+    @staticmethod
+    def _advance_step_counters(batches: list[LayerBatch]) -> int:
+        """Increment every layer's step; the optimizer's step is its first layer's."""
+        for batch in batches:
+            for state in batch.states:
+                state["step"] += 1
+        return int(batches[0].states[0]["step"].item())
+
+    def _sgd_direction(self, batch: LayerBatch) -> None:
+        """``d = g + beta w`` (new tensors only where ``beta != 0``)."""
+        batch.grad_norms = batch.ops.norms(batch.grads)
+        batch.direction = _plus_decay(batch, list(batch.grads))
+
+    def _adam_direction(self, batch: LayerBatch) -> None:
+        """Update Adam's moments; ``u = m_hat / (sqrt(v_hat) + eps) + beta w``."""
+        beta1, beta2 = batch.group["betas"]
+        ops = batch.ops
+        batch.grad_norms = ops.norms(batch.grads)
+        exp_avgs = [state["exp_avg"] for state in batch.states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in batch.states]
+        steps = torch.stack([state["step"] for state in batch.states])
+        ops.lerp_(exp_avgs, batch.grads, 1 - beta1)
+        ops.mul_(exp_avg_sqs, beta2)
+        ops.addcmul_(exp_avg_sqs, batch.grads, batch.grads, value=1 - beta2)
+        inverse_sqrt_bias_correction2 = (1 - beta2**steps).rsqrt().to(batch.decay.device)
+        batch.adam_denominators = ops.adam_denominators(
+            exp_avg_sqs, list(inverse_sqrt_bias_correction2.unbind()), batch.group["eps"]
+        )
+        direction = ops.div(exp_avgs, batch.adam_denominators)
+        ops.mul_(direction, list((1 / (1 - beta1**steps)).to(batch.decay.device).unbind()))
+        if self.curvature == "secant":
+            # |P m_hat| / |m_hat|: the bias correction cancels, |P m| / |m| with P m = direction * bc1.
+            momentum_norms = ops.norms(exp_avgs)
+            gains = ops.norms(direction) * (1 - beta1**steps).to(momentum_norms.device) / momentum_norms
+            batch.preconditioner_gains = torch.where(momentum_norms > 0, gains, torch.zeros_like(gains))
+        batch.direction = _plus_decay(batch, direction, in_place=True)
+
+    def _smooth_curvature(self, batch: LayerBatch, estimate: Tensor) -> None:
+        """EMA of valid estimates; the first valid estimate is taken as is; invalid ones keep the old value."""
+        previous = torch.stack([state["curvature"] for state in batch.states])
+        ema = batch.group["curvature_ema"]
+        smoothed = torch.where(previous > 0, ema * previous + (1 - ema) * estimate, estimate)
+        valid = torch.isfinite(estimate) & (estimate > 0)
+        batch.ops.copy_([state["curvature"] for state in batch.states],
+                        list(torch.where(valid, smoothed, previous).unbind()))
+
+    def _layer_rates(self, batches: list[LayerBatch]) -> list[Tensor]:
+        """``r_l = clamp(tau c_ref / (c_l + eps_c), min_ratio, max_ratio)``; 1 outside the mask or without an estimate."""
+        curvatures = [torch.stack([state["curvature"] for state in batch.states]) for batch in batches]
+        reference = self._reference_curvature(batches, curvatures)
+        rates = []
+        for batch, curvature in zip(batches, curvatures, strict=True):
+            group = batch.group
+            rate = (group["trust"] * reference / (curvature + group["curvature_eps"])).clamp_(
+                min=group["min_ratio"], max=group["max_ratio"])
+            rates.append(torch.where(batch.adapt & (curvature > 0), rate, torch.ones_like(rate)))
+        return rates
+
+    def _reference_curvature(self, batches: list[LayerBatch], curvatures: list[Tensor]) -> Tensor | float:
+        """``c_ref``: 1 for CBLR, whose rate is ``tau / c_l``; MCLR divides by the median instead."""
+        return 1.0
+
+    def _apply_update(self, batch: LayerBatch, rates: Tensor) -> None:
+        group, ops = batch.group, batch.ops
+        lr = group["lr"]
+        rate_list = list(rates.unbind())
+        if self.base == "adam":
+            update_norms = lr * rates * ops.norms(batch.direction)
+            ops.addcmul_(batch.weights, batch.direction, rate_list, value=-lr)
+        else:
+            steps = self._sgd_momentum(batch, rate_list)
+            update_norms = lr * ops.norms(steps)
+            ops.add_(batch.weights, steps, alpha=-lr)
+        low_precision = [i for i, p in enumerate(batch.params) if p.dtype != torch.float32]
+        ops.copy_([batch.params[i] for i in low_precision], [batch.weights[i] for i in low_precision])
+        ops.copy_([state["update_norm"] for state in batch.states], list(update_norms.unbind()))
+        curvatures = torch.stack([state["curvature"] for state in batch.states])
+        for i, name in enumerate(batch.names):
+            self._last_layer_stats[name] = {
+                "curvature": curvatures[i], "rate": rates[i],
+                "update_norm": update_norms[i], "grad_norm": batch.grad_norms[i],
+            }
+
+    def _sgd_momentum(self, batch: LayerBatch, rate_list: list[Tensor]) -> TensorList:
+        """The step ``b`` (or Nesterov's ``r d + mu b``) after ``b <- mu b + (1 - dampening) r d``."""
+        group, ops = batch.group, batch.ops
+        momentum = group["momentum"]
+        scaled = None
+        if momentum == 0 or group["nesterov"]:
+            scaled = ops.mul(batch.direction, rate_list)
+            if momentum == 0:
+                return scaled
+        continuing = [i for i, state in enumerate(batch.states) if "momentum_buffer" in state]
+        buffers = [batch.states[i]["momentum_buffer"] for i in continuing]
+        ops.mul_(buffers, momentum)
+        ops.addcmul_(buffers, [batch.direction[i] for i in continuing], [rate_list[i] for i in continuing],
+                     value=1 - group["dampening"])
+        for i, state in enumerate(batch.states):
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = (batch.direction[i] * rate_list[i]).detach()
+        buffers = [state["momentum_buffer"] for state in batch.states]
+        if scaled is None:
+            return buffers
+        ops.add_(scaled, buffers, alpha=momentum)
+        return scaled
+
+    # -- diagnostics and checkpoints -----------------------------------------------------------
+    def layer_stats(self) -> dict[str, dict[str, float]]:
+        """Per layer name, from the last step: ``curvature`` (smoothed; 0 before the first estimate),
+        ``rate`` :math:`r_l`, ``update_norm`` :math:`|\\Delta w|` and ``grad_norm`` :math:`|g|`."""
+        return {name: {key: float(value) for key, value in stats.items()}
+                for name, stats in self._last_layer_stats.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating state to each parameter's dtype; this optimizer keeps its state in fp32.
+        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = chain.from_iterable(group["params"] for group in self.param_groups)
+        for param_id, param in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(param_id, {}).items():
+                if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != param.dtype:
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+
+
+def _in_mask(mask: bool | None, param: Tensor) -> bool:
+    return param.ndim > 1 if mask is None else mask
+
+
+def _plus_decay(batch: LayerBatch, direction: TensorList, in_place: bool = False) -> TensorList:
+    """Add ``beta w`` to the decayed layers of ``direction`` (in place, or as new tensors)."""
+    beta = batch.group["weight_decay"]
+    decayed = [i for i, value in enumerate(batch.decay.tolist()) if value != 0]
+    if beta == 0 or not decayed:
+        return direction
+    targets = [direction[i] for i in decayed]
+    weights = [batch.weights[i] for i in decayed]
+    if in_place:
+        batch.ops.add_(targets, weights, alpha=beta)
+    else:
+        for i, new in zip(decayed, batch.ops.add(targets, weights, alpha=beta), strict=True):
+            direction[i] = new
+    return direction
+
+
+def _recording(closure: Closure | None, losses: list[Tensor]) -> Closure | None:
+    """Wrap ``closure`` so the loss of its last call can be returned from ``step``."""
+    if closure is None:
+        return None
+
+    def recorded() -> Tensor:
+        losses.append(closure())
+        return losses[-1]
+
+    return recorded

@@ -1,0 +1,385 @@
+"""Curvature estimators: how CBLR measures the curvature ``c_l`` of each layer.
+
+An estimator looks at the layers of the optimizer (grouped in :class:`LayerBatch` es, one per
+param group, all in fp32) *before* the step is applied, and returns one raw estimate per layer,
+NaN where it has none. The optimizer then smooths the estimates with an EMA, keeps the previous
+value wherever a new one is not finite or not positive, and turns them into layer rates. All
+estimators report the curvature of the *regularized* objective, so they add the layer's weight
+decay ``beta`` (the Hessian of ``beta/2 |w|^2`` is ``beta I``).
+
+With the Adam base (``base="adam"``) the curvature is measured in Adam's preconditioned geometry,
+``P = 1 / (sqrt(v_hat) + eps)``: the iteration ``w <- w - lr r P g`` is governed by the spectrum
+of ``P H``, so every estimator measures ``P H`` instead of ``H``. See ``docs/algorithm.md``.
+
+Add an estimator by subclassing :class:`CurvatureEstimator` and decorating it with
+:func:`register_curvature_estimator`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from hf_cblr.optim._tensor_ops import TensorList, TensorListOps
+
+Closure = Callable[[], Tensor]
+
+#: Elements whose weight change is below this fraction of the layer's mean |dw| carry no secant
+#: information and are ignored by the element-wise estimators.
+NEGLIGIBLE_STEP_FRACTION = 1e-3
+
+AGGREGATES = ("mean", "median")
+
+
+@dataclass
+class LayerBatch:
+    """The layers of one param group that have a gradient this step, in fp32.
+
+    ``direction`` is the base optimizer's direction before the layer rate: ``g + beta w`` for the
+    SGD base, ``u = m_hat / (sqrt(v_hat) + eps) + beta w`` for the Adam base, whose
+    ``adam_denominators`` are ``sqrt(v_hat) + eps``.
+    """
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    weights: TensorList
+    grads: TensorList
+    states: list[dict[str, Any]]
+    names: list[str]
+    layer_ids: list[int]
+    decay: Tensor
+    adapt: Tensor
+    ops: TensorListOps
+    direction: TensorList = field(default_factory=list)
+    adam_denominators: TensorList | None = None
+    grad_norms: Tensor = field(default_factory=lambda: torch.empty(0))
+    #: Adam base: ``|P m_hat| / |m_hat|`` per layer, the preconditioner's gain along the momentum.
+    preconditioner_gains: Tensor = field(default_factory=lambda: torch.empty(0))
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def no_estimates(self) -> Tensor:
+        """A vector of NaN, one per layer: no estimate yet."""
+        return torch.full((len(self),), math.nan, device=self.decay.device)
+
+    def precondition_(self, tensors: TensorList) -> None:
+        """Apply Adam's preconditioner ``P`` in place (the identity for the SGD base)."""
+        if self.adam_denominators is not None:
+            self.ops.div_(tensors, self.adam_denominators)
+
+    def preconditioner_at(self, index: int, positions: Tensor | None) -> Tensor | float:
+        """``P`` of layer ``index`` at the flat ``positions`` (all elements when None)."""
+        if self.adam_denominators is None:
+            return 1.0
+        denominator = self.adam_denominators[index].reshape(-1)
+        return 1.0 / (denominator if positions is None else denominator[positions])
+
+
+class CurvatureEstimator:
+    """Base class. ``estimate`` returns, per batch, a vector of raw curvatures (NaN: no estimate)."""
+
+    name: ClassVar[str]
+    #: Needs ``step(closure)``: the closure re-evaluates the loss of the batch whose gradient is in
+    #: ``.grad`` and returns it, without calling backward.
+    needs_closure: ClassVar[bool] = False
+    #: Estimates from per-element curvatures, aggregated by ``aggregate`` over a fixed sample.
+    elementwise: ClassVar[bool] = False
+
+    def __init__(self, *, aggregate: str = "mean", sample_size: int | None = 4096, seed: int = 0,
+                 fd_step: float = 1e-3) -> None:
+        self.aggregate = aggregate
+        self.sample_size = sample_size
+        self.seed = seed
+        self.fd_step = fd_step
+
+    def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
+        raise NotImplementedError
+
+    # -- shared pieces -------------------------------------------------------------------------
+    def _aggregate(self, values: Tensor) -> Tensor:
+        if values.numel() == 0:
+            return torch.tensor(math.nan, device=values.device)
+        if self.aggregate == "median":
+            return values.median()
+        return values.mean()
+
+    def _sample_positions(self, batch: LayerBatch, index: int) -> Tensor | None:
+        """The fixed element sample of a layer, drawn once from ``(seed, layer id)`` and kept in its state."""
+        state = batch.states[index]
+        numel = batch.params[index].numel()
+        if self.sample_size is None or numel <= self.sample_size:
+            return None
+        if "sample_positions" not in state:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + batch.layer_ids[index])
+            positions = torch.randperm(numel, generator=generator)[: self.sample_size].sort().values
+            state["sample_positions"] = positions.to(batch.params[index].device)
+        return state["sample_positions"]
+
+
+CURVATURE_ESTIMATORS: dict[str, type[CurvatureEstimator]] = {}
+
+
+def register_curvature_estimator(cls: type[CurvatureEstimator]) -> type[CurvatureEstimator]:
+    """Class decorator: make ``cls`` selectable as ``curvature=cls.name``."""
+    CURVATURE_ESTIMATORS[cls.name] = cls
+    return cls
+
+
+def create_curvature_estimator(name: str, **kwargs: Any) -> CurvatureEstimator:
+    if name not in CURVATURE_ESTIMATORS:
+        raise ValueError(f"curvature={name!r} is not a known estimator; valid values: {sorted(CURVATURE_ESTIMATORS)}")
+    return CURVATURE_ESTIMATORS[name](**kwargs)
+
+
+def _nan_where(values: Tensor, invalid: Tensor) -> Tensor:
+    return torch.where(invalid, torch.full_like(values, math.nan), values)
+
+
+@register_curvature_estimator
+class WeightNormCurvature(CurvatureEstimator):
+    """``c = (|g| + beta |w|) / |w|`` (SGD base, CBLR = LARS) or ``c = |u| / |w|`` (Adam base, CBLR = LAMB).
+
+    The curvature of a quadratic whose minimum is at the origin: the gradient there is ``c w``.
+    """
+
+    name = "weight_norm"
+
+    def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
+        estimates = []
+        for batch in batches:
+            weight_norms = batch.ops.norms(batch.weights)
+            if batch.adam_denominators is None:
+                numerators = batch.grad_norms + batch.decay * weight_norms
+            else:
+                numerators = batch.ops.norms(batch.direction)
+            estimates.append(_nan_where(numerators / weight_norms, weight_norms == 0))
+        return estimates
+
+
+@register_curvature_estimator
+class SecantCurvature(CurvatureEstimator):
+    """``c = p |g_t - g_{t-1}| / |w_t - w_{t-1}| + beta``: a secant along the last step.
+
+    ``p`` is the gain of the base preconditioner on the layer: 1 for the SGD base, and
+    ``|P m_hat| / |m_hat|`` for the Adam base (a scalar fit of ``P``; the element-wise ``|P dg|``
+    explodes on elements whose ``v`` is near zero, where Adam's step is bounded). Needs the previous
+    gradient (one fp32 copy) and the norm of the last update, which the optimizer records when it
+    applies it, so no copy of the weights is kept.
+    """
+
+    name = "secant"
+
+    def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
+        estimates = []
+        for batch in batches:
+            has_previous = [i for i, state in enumerate(batch.states) if "prev_grad" in state]
+            estimate = batch.no_estimates()
+            if has_previous:
+                previous = [batch.states[i]["prev_grad"] for i in has_previous]
+                grads = [batch.grads[i] for i in has_previous]
+                grad_change_norms = batch.ops.norms(batch.ops.sub(grads, previous))
+                step_norms = torch.stack([batch.states[i]["update_norm"] for i in has_previous])
+                gains = batch.preconditioner_gains[has_previous] if batch.adam_denominators is not None else 1.0
+                secants = gains * grad_change_norms / step_norms + batch.decay[has_previous]
+                estimate[has_previous] = _nan_where(secants, step_norms == 0)
+                batch.ops.copy_(previous, grads)
+            for i, state in enumerate(batch.states):
+                if "prev_grad" not in state:
+                    state["prev_grad"] = batch.grads[i].detach().clone(memory_format=torch.preserve_format)
+            estimates.append(estimate)
+        return estimates
+
+
+@register_curvature_estimator
+class ElementwiseSecantCurvature(CurvatureEstimator):
+    """Per-element secants ``|P_i dg_i| / |dw_i|``, aggregated over the layer's element sample.
+
+    Keeps the previous gradient and weight at the sampled positions only (``sample_size`` values
+    each); elements whose ``|dw_i|`` is negligible are ignored.
+    """
+
+    name = "secant_elementwise"
+    elementwise = True
+
+    def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
+        estimates = []
+        for batch in batches:
+            estimate = batch.no_estimates()
+            for i, state in enumerate(batch.states):
+                positions = self._sample_positions(batch, i)
+                grad = batch.grads[i].reshape(-1)
+                weight = batch.weights[i].reshape(-1)
+                grad = grad.clone() if positions is None else grad[positions]
+                weight = weight.clone() if positions is None else weight[positions]
+                if "sample_prev_grad" in state:
+                    grad_change = (grad - state["sample_prev_grad"]).abs_() * batch.preconditioner_at(i, positions)
+                    step = (weight - state["sample_prev_weight"]).abs_()
+                    moved = step > NEGLIGIBLE_STEP_FRACTION * step.mean()
+                    curvature = self._aggregate(grad_change[moved] / step[moved])
+                    estimate[i] = curvature + batch.decay[i]
+                state["sample_prev_grad"] = grad
+                state["sample_prev_weight"] = weight
+            estimates.append(estimate)
+        return estimates
+
+
+def _all_layers(batches: list[LayerBatch]) -> tuple[list[Tensor], list[tuple[int, int]]]:
+    params, where = [], []
+    for b, batch in enumerate(batches):
+        for i, param in enumerate(batch.params):
+            params.append(param)
+            where.append((b, i))
+    return params, where
+
+
+def _require_closure(name: str, closure: Closure | None) -> Closure:
+    if closure is None:
+        raise TypeError(
+            f"curvature={name!r} needs a closure: call optimizer.step(closure) with a closure that "
+            "re-evaluates the loss on the batch whose gradient is in .grad and returns it without "
+            "calling backward; or choose a curvature that needs none: 'secant', 'secant_elementwise', "
+            "'weight_norm'"
+        )
+    return closure
+
+
+def _directions(batches: list[LayerBatch]) -> list[TensorList]:
+    """The direction ``v`` the directional estimators probe: ``g`` (SGD base) or ``P g`` (Adam base)."""
+    directions = []
+    for batch in batches:
+        vectors = [grad.clone() for grad in batch.grads]
+        batch.precondition_(vectors)
+        directions.append(vectors)
+    return directions
+
+
+def hessian_vector_products(params: list[Tensor], vectors: TensorList, closure: Closure) -> TensorList:
+    """``H v`` by double backward through ``closure()``; zeros for parameters the loss does not use."""
+    with torch.enable_grad():
+        loss = closure()
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        used = [i for i, grad in enumerate(grads) if grad is not None and grad.requires_grad]
+        try:
+            products = torch.autograd.grad(
+                [grads[i] for i in used], [params[i] for i in used],
+                grad_outputs=[vectors[i].to(params[i].dtype) for i in used], allow_unused=True,
+            )
+        except RuntimeError as error:
+            raise RuntimeError(
+                "curvature='hvp' needs a double backward through the model, which fused attention kernels "
+                "(SDPA, flash-attention, cuDNN) do not have. Load the model with attn_implementation='eager', "
+                f"or use curvature='fd', which needs no double backward. Original error: {error}"
+            ) from error
+    result = [torch.zeros_like(vector) for vector in vectors]
+    for i, product in zip(used, products, strict=True):
+        if product is not None:
+            result[i] = product.float()
+    return result
+
+
+def finite_difference_hessian_vector_products(
+    params: list[Tensor], grads: TensorList, vectors: TensorList, closure: Closure, fd_step: float
+) -> TensorList:
+    """``H v ~ (grad L(w + eps v) - grad L(w)) / eps`` with ``eps |v| = fd_step``, one extra backward."""
+    vector_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in vectors])).item()
+    if vector_norm == 0 or not math.isfinite(vector_norm):
+        return [torch.zeros_like(v) for v in vectors]
+    epsilon = fd_step / vector_norm
+    saved = [param.detach().clone() for param in params]
+    try:
+        for param, vector in zip(params, vectors, strict=True):
+            param.add_(vector.to(param.dtype), alpha=epsilon)
+        with torch.enable_grad():
+            loss = closure()
+            perturbed = torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        for param, original in zip(params, saved, strict=True):
+            param.copy_(original)
+    return [
+        torch.zeros_like(grad) if new is None else (new.float() - grad) / epsilon
+        for grad, new in zip(grads, perturbed, strict=True)
+    ]
+
+
+class _DirectionalCurvature(CurvatureEstimator):
+    """``c = <v, H v> / <g, v> + beta`` per layer, with ``v = g`` (SGD) or ``v = P g`` (Adam).
+
+    For the SGD base this is ``<g, H g> / |g|^2``, the curvature along the gradient: a step of
+    ``1 / c`` along ``-g`` minimizes the layer's quadratic model exactly.
+    """
+
+    needs_closure = True
+
+    def _products(self, batches: list[LayerBatch], params: list[Tensor], vectors: TensorList,
+                  closure: Closure) -> TensorList:
+        raise NotImplementedError
+
+    def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
+        closure = _require_closure(self.name, closure)
+        directions = _directions(batches)
+        params, _ = _all_layers(batches)
+        vectors = [vector for vectors_of_batch in directions for vector in vectors_of_batch]
+        products = iter(self._products(batches, params, vectors, closure))
+        estimates = []
+        for batch, vectors_of_batch in zip(batches, directions, strict=True):
+            products_of_batch = [next(products) for _ in vectors_of_batch]
+            curvature = batch.ops.dot(vectors_of_batch, products_of_batch) / batch.ops.dot(batch.grads, vectors_of_batch)
+            estimates.append(curvature + batch.decay)
+        return estimates
+
+
+@register_curvature_estimator
+class HessianVectorCurvature(_DirectionalCurvature):
+    """Directional curvature by an exact Hessian-vector product (double backward)."""
+
+    name = "hvp"
+
+    def _products(self, batches: list[LayerBatch], params: list[Tensor], vectors: TensorList,
+                  closure: Closure) -> TensorList:
+        return hessian_vector_products(params, vectors, closure)
+
+
+@register_curvature_estimator
+class FiniteDifferenceCurvature(_DirectionalCurvature):
+    """Directional curvature by a finite difference of gradients on the same batch."""
+
+    name = "fd"
+
+    def _products(self, batches: list[LayerBatch], params: list[Tensor], vectors: TensorList,
+                  closure: Closure) -> TensorList:
+        grads = [grad for batch in batches for grad in batch.grads]
+        return finite_difference_hessian_vector_products(params, grads, vectors, closure, self.fd_step)
+
+
+@register_curvature_estimator
+class HutchinsonCurvature(CurvatureEstimator):
+    """Per-element ``P_i |z_i (H z)_i|`` with Rademacher ``z`` (Hutchinson's diagonal), aggregated per layer."""
+
+    name = "hutchinson"
+    needs_closure = True
+    elementwise = True
+
+    def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
+        closure = _require_closure(self.name, closure)
+        params, where = _all_layers(batches)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        probes = [
+            torch.randint(0, 2, param.shape, generator=generator, dtype=torch.float32).mul_(2).sub_(1).to(param.device)
+            for param in params
+        ]
+        products = hessian_vector_products(params, probes, closure)
+        estimates = [batch.no_estimates() for batch in batches]
+        for (b, i), probe, product in zip(where, probes, products, strict=True):
+            batch = batches[b]
+            positions = self._sample_positions(batch, i)
+            diagonal = (probe * product).abs_().reshape(-1)
+            diagonal = diagonal if positions is None else diagonal[positions]
+            curvature = self._aggregate(diagonal * batch.preconditioner_at(i, positions))
+            estimates[b][i] = curvature + batch.decay[i]
+        return estimates

@@ -1,0 +1,45 @@
+r"""MCLR: CBLR with median curvatures (Gao & Zhong, arXiv 2012.08795).
+
+Each layer's curvature is the **median** of its per-element curvatures (over a fixed random sample
+of ``sample_size`` elements for large layers), and the layer rates are normalized by the median
+curvature over the adapted layers:
+
+.. math::
+
+    r_l = \min\!\Big(\tau\, \frac{\operatorname{median}_k c_k}{c_l + \epsilon_c},\ r_{\max}\Big)
+
+so the layer of median curvature moves at the base learning rate and ``trust`` is dimensionless.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hf_cblr.optim.cblr import CBLR
+from hf_cblr.optim.curvature import CURVATURE_ESTIMATORS, LayerBatch
+
+ELEMENTWISE_ESTIMATORS = tuple(sorted(name for name, cls in CURVATURE_ESTIMATORS.items() if cls.elementwise))
+
+
+class MCLR(CBLR):
+    """Median-curvature learning rate. Takes the arguments of :class:`CBLR`; ``curvature`` must be
+    element-wise (``secant_elementwise``, the default, or ``hutchinson``) and ``aggregate`` is ``median``."""
+
+    def __init__(self, params: Any, lr: float = 0.1, trust: float = 1.0, curvature: str = "secant_elementwise",
+                 aggregate: str = "median", **kwargs: Any) -> None:
+        if curvature not in ELEMENTWISE_ESTIMATORS:
+            raise ValueError(
+                f"MCLR needs per-element curvatures: curvature={curvature!r} is not valid; valid values: "
+                f"{list(ELEMENTWISE_ESTIMATORS)}"
+            )
+        if aggregate != "median":
+            raise ValueError(f"MCLR aggregates by the median: aggregate={aggregate!r} is not valid; valid values: ['median']")
+        super().__init__(params, lr=lr, trust=trust, curvature=curvature, aggregate=aggregate, **kwargs)
+
+    def _reference_curvature(self, batches: list[LayerBatch], curvatures: list[Tensor]) -> Tensor | float:
+        """The median curvature over the adapted layers that have an estimate (1 while none has)."""
+        known = torch.cat([c[batch.adapt & (c > 0)] for batch, c in zip(batches, curvatures, strict=True)])
+        return known.median() if known.numel() else 1.0

@@ -1,0 +1,46 @@
+"""Build param groups by parameter name, with the two independent masks (weight decay, adaptation).
+
+As in optax's ``lars``, weight decay and the layer-wise rate have separate masks. By default
+biases and norm-layer parameters (and every tensor with ``ndim <= 1``) get neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+#: Name fragments that mark a parameter as a bias or a normalization parameter.
+DEFAULT_EXCLUDED_NAMES: tuple[str, ...] = ("bias", "LayerNorm", "layernorm", "layer_norm", "norm.", "ln_")
+
+
+def _excluded(name: str, param: nn.Parameter, patterns: Sequence[str]) -> bool:
+    return param.ndim <= 1 or any(pattern in name for pattern in patterns)
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float = 0.0,
+    *,
+    no_weight_decay: Sequence[str] = DEFAULT_EXCLUDED_NAMES,
+    no_adaptation: Sequence[str] = DEFAULT_EXCLUDED_NAMES,
+    **group_options: Any,
+) -> list[dict[str, Any]]:
+    """Named param groups of ``model``'s trainable parameters, split by the two masks.
+
+    A parameter is left out of weight decay (of the curvature rate) when it is 1-D or its name
+    contains one of ``no_weight_decay`` (``no_adaptation``). Each group carries explicit
+    ``weight_decay_mask``/``adaptation_mask`` booleans, ``weight_decay``, and ``group_options``;
+    empty groups are omitted. Pass the result to any optimizer of this package.
+    """
+    groups: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            key = (not _excluded(name, param, no_weight_decay), not _excluded(name, param, no_adaptation))
+            groups.setdefault(key, []).append((name, param))
+    return [
+        {"params": members, "weight_decay": weight_decay if decay else 0.0, "weight_decay_mask": decay,
+         "adaptation_mask": adapt, **group_options}
+        for (decay, adapt), members in sorted(groups.items(), reverse=True)
+    ]

@@ -1,0 +1,101 @@
+"""The optimizer registry and factory, in the style of ``timm.optim``.
+
+Each name maps to an :class:`OptimInfo`: the class, the defaults that make the name what it is
+(``base``, ``curvature``...), and flags. :func:`create_optimizer` builds one from a model (grouped
+by :func:`~hf_cblr.optim.param_groups.param_groups`) or from parameters.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from hf_cblr.optim.cblr import CBLR
+from hf_cblr.optim.lamb import LAMB
+from hf_cblr.optim.lars import LARS
+from hf_cblr.optim.mclr import MCLR
+from hf_cblr.optim.param_groups import param_groups
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    """One registry entry."""
+
+    name: str
+    optimizer_class: type[Optimizer]
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    #: The base direction: ``sgd`` (momentum SGD) or ``adam``.
+    base: str = "sgd"
+
+    def valid_kwargs(self) -> list[str]:
+        """Keyword arguments the optimizer accepts (beyond ``params``)."""
+        classes = [cls for cls in self.optimizer_class.__mro__ if issubclass(cls, CBLR)]
+        names: set[str] = set()
+        for cls in classes:
+            parameters = inspect.signature(cls.__init__).parameters.values()
+            names |= {p.name for p in parameters if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
+            if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
+                break
+        return sorted(names - {"self", "params"} - set(self.defaults))
+
+
+_REGISTRY: dict[str, OptimInfo] = {}
+
+
+def register_optimizer(info: OptimInfo) -> OptimInfo:
+    _REGISTRY[info.name] = info
+    return info
+
+
+register_optimizer(OptimInfo("cblr", CBLR, "curvature-based layer rate on momentum SGD (the paper's CBLR)",
+                             {"base": "sgd"}))
+register_optimizer(OptimInfo("mclr", MCLR, "median-curvature layer rate on momentum SGD (the paper's MCLR)",
+                             {"base": "sgd"}))
+register_optimizer(OptimInfo("lars", LARS, "LARS = CBLR with the weight-norm curvature, momentum SGD"))
+register_optimizer(OptimInfo("cblr_adam", CBLR, "curvature-based layer rate on the Adam direction",
+                             {"base": "adam"}, base="adam"))
+register_optimizer(OptimInfo("mclr_adam", MCLR, "median-curvature layer rate on the Adam direction",
+                             {"base": "adam"}, base="adam"))
+register_optimizer(OptimInfo("lamb", LAMB, "LAMB = CBLR with the weight-norm curvature on the Adam direction",
+                             base="adam"))
+
+
+def list_optimizers() -> list[str]:
+    """The registered optimizer names."""
+    return sorted(_REGISTRY)
+
+
+def get_optimizer_info(name: str) -> OptimInfo:
+    if name not in _REGISTRY:
+        raise ValueError(f"optimizer name {name!r} is not registered; valid values: {list_optimizers()}")
+    return _REGISTRY[name]
+
+
+def check_optimizer_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Raise ``TypeError`` naming any keyword argument the optimizer ``name`` does not take."""
+    info = get_optimizer_info(name)
+    valid = info.valid_kwargs()
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise TypeError(f"optimizer {name!r} does not take argument(s) {unknown}; valid arguments: {valid}")
+
+
+def create_optimizer(model_or_params: nn.Module | Any, name: str, **kwargs: Any) -> Optimizer:
+    """Build the optimizer registered as ``name``.
+
+    A ``nn.Module`` is grouped with :func:`~hf_cblr.optim.param_groups.param_groups` (biases and
+    norm layers get neither weight decay nor a curvature rate); parameters, named parameters or
+    groups are passed through as they are.
+    """
+    info = get_optimizer_info(name)
+    check_optimizer_kwargs(name, kwargs)
+    if isinstance(model_or_params, nn.Module):
+        params = param_groups(model_or_params, weight_decay=kwargs.pop("weight_decay", 0.0))
+    else:
+        params = model_or_params
+    return info.optimizer_class(params, **{**info.defaults, **kwargs})
