@@ -33,8 +33,9 @@ class TensorListOps:
         for x, y in zip(xs, ys, strict=True):
             x.add_(y, alpha=alpha)
 
-    def sub(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
-        return [x.sub(y) for x, y in zip(xs, ys, strict=True)]
+    def sub_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        for x, y in zip(xs, ys, strict=True):
+            x.sub_(y)
 
     def mul(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
         return [x.mul(y) for x, y in zip(xs, ys, strict=True)]
@@ -96,8 +97,9 @@ class ForeachTensorListOps(TensorListOps):
         if xs:
             torch._foreach_add_(list(xs), list(ys), alpha=alpha)
 
-    def sub(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
-        return list(torch._foreach_sub(list(xs), list(ys))) if xs else []
+    def sub_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        if xs:
+            torch._foreach_sub_(list(xs), list(ys))
 
     def mul(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
         return list(torch._foreach_mul(list(xs), list(ys))) if xs else []

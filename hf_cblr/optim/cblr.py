@@ -275,16 +275,17 @@ class CBLR(Optimizer):
         ops.lerp_(exp_avgs, batch.grads, 1 - beta1)
         ops.mul_(exp_avg_sqs, beta2)
         ops.addcmul_(exp_avg_sqs, batch.grads, batch.grads, value=1 - beta2)
-        inverse_sqrt_bias_correction2 = (1 - beta2**steps).rsqrt().to(batch.decay.device)
+        bias_correction1 = _bias_correction(beta1, steps).to(batch.decay.device)
+        inverse_sqrt_bias_correction2 = _bias_correction(beta2, steps).rsqrt().to(batch.decay.device)
         batch.adam_denominators = ops.adam_denominators(
             exp_avg_sqs, list(inverse_sqrt_bias_correction2.unbind()), batch.group["eps"]
         )
         direction = ops.div(exp_avgs, batch.adam_denominators)
-        ops.mul_(direction, list((1 / (1 - beta1**steps)).to(batch.decay.device).unbind()))
+        ops.mul_(direction, list((1 / bias_correction1).unbind()))
         if self.curvature == "secant":
             # |P m_hat| / |m_hat|: the bias correction cancels, |P m| / |m| with P m = direction * bc1.
             momentum_norms = ops.norms(exp_avgs)
-            gains = ops.norms(direction) * (1 - beta1**steps).to(momentum_norms.device) / momentum_norms
+            gains = ops.norms(direction) * bias_correction1.to(momentum_norms.device) / momentum_norms
             batch.preconditioner_gains = torch.where(momentum_norms > 0, gains, torch.zeros_like(gains))
         batch.direction = _plus_decay(batch, direction, in_place=True)
 
@@ -366,17 +367,26 @@ class CBLR(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        # torch casts floating state to each parameter's dtype; this optimizer keeps its state in fp32.
+        # torch casts every state tensor to its parameter's dtype, integer sample positions included; this
+        # optimizer keeps its floating state in fp32 and its positions in int64: restore the saved dtypes.
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         params = chain.from_iterable(group["params"] for group in self.param_groups)
         for param_id, param in zip(saved_ids, params, strict=True):
             for key, value in state_dict["state"].get(param_id, {}).items():
-                if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != param.dtype:
+                if isinstance(value, Tensor) and value.dtype != param.dtype:
                     self.state[param][key] = value.to(device=param.device, copy=True)
 
 
 def _in_mask(mask: bool | None, param: Tensor) -> bool:
     return param.ndim > 1 if mask is None else mask
+
+
+def _bias_correction(beta: float, steps: Tensor) -> Tensor:
+    """Adam's ``1 - beta^t`` as ``-expm1(t log beta)``: in fp32, ``1 - beta^t`` loses digits for ``beta`` near 1
+    (a relative error of 2e-5 at ``beta = 0.999``, 2e-4 at ``0.9999``); this form keeps about 1e-7."""
+    if beta == 0:
+        return torch.ones_like(steps)
+    return -torch.expm1(steps * math.log(beta))
 
 
 def _plus_decay(batch: LayerBatch, direction: TensorList, in_place: bool = False) -> TensorList:

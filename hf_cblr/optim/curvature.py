@@ -183,7 +183,8 @@ class SecantCurvature(CurvatureEstimator):
             if has_previous:
                 previous = [batch.states[i]["prev_grad"] for i in has_previous]
                 grads = [batch.grads[i] for i in has_previous]
-                grad_change_norms = batch.ops.norms(batch.ops.sub(grads, previous))
+                batch.ops.sub_(previous, grads)  # in place: no new allocation; sign is irrelevant to the norm
+                grad_change_norms = batch.ops.norms(previous)
                 step_norms = torch.stack([batch.states[i]["update_norm"] for i in has_previous])
                 gains = batch.preconditioner_gains[has_previous] if batch.adam_denominators is not None else 1.0
                 secants = gains * grad_change_norms / step_norms + batch.decay[has_previous]

@@ -1,0 +1,276 @@
+r"""The curvature estimators on quadratics whose curvature is known, layer by layer.
+
+:math:`L = \sum_l \tfrac12 (w_l - w^*_l)^\top A_l (w_l - w^*_l)` has the block-diagonal Hessian
+:math:`\operatorname{diag}(A_l)`. Along the gradient :math:`g_l = A_l (w_l - w^*_l)` the curvature of
+layer ``l`` is :math:`g_l^\top A_l g_l / |g_l|^2`; where :math:`A_l = h_l I` every estimator should find
+:math:`h_l` (plus the weight decay :math:`\beta`, the curvature of :math:`\tfrac\beta2 |w|^2`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from hf_cblr import CBLR, MCLR
+
+
+class Quadratic:
+    r""":math:`\sum_l \tfrac12 x_l^\top A_l x_l`, :math:`x_l = w_l - w^*_l`.
+
+    ``hessians[l]`` is either a tensor of layer ``l``'s shape, the diagonal of :math:`A_l`, or a
+    ``(numel, numel)`` symmetric positive definite matrix.
+    """
+
+    def __init__(self, shapes: list[tuple[int, ...]], hessians: list[Tensor], seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.params = [nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+        self.minimum = [torch.randn(shape, generator=generator) for shape in shapes]
+        self.hessians = hessians
+
+    def _hessian_times(self, layer: int, x: Tensor) -> Tensor:
+        hessian = self.hessians[layer]
+        return hessian * x if hessian.shape == x.shape else (hessian @ x.reshape(-1)).view_as(x)
+
+    def loss(self) -> Tensor:
+        """The loss, differentiable twice (the closure of the ``hvp``, ``fd`` and ``hutchinson`` estimators)."""
+        return sum(0.5 * torch.sum(x * self._hessian_times(layer, x)) for layer, x in enumerate(self.offsets()))
+
+    def offsets(self) -> list[Tensor]:
+        return [p - m for p, m in zip(self.params, self.minimum, strict=True)]
+
+    def gradients(self) -> list[Tensor]:
+        with torch.no_grad():
+            return [self._hessian_times(layer, x) for layer, x in enumerate(self.offsets())]
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        for param, grad in zip(self.params, self.gradients(), strict=True):
+            param.grad = grad
+        needs_closure = isinstance(optimizer, CBLR) and optimizer.estimator.needs_closure
+        optimizer.step(self.loss if needs_closure else None)
+
+
+def _isotropic(shapes: list[tuple[int, ...]], curvatures: list[float]) -> list[Tensor]:
+    return [torch.full(shape, h) for shape, h in zip(shapes, curvatures, strict=True)]
+
+
+def _spd_matrix(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
+    """A dense symmetric positive definite matrix with eigenvalues spread over ``[low, high]``."""
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=generator))
+    eigenvalues = torch.linspace(low, high, n)
+    return basis @ torch.diag(eigenvalues) @ basis.T
+
+
+def _curvatures(optimizer: CBLR) -> list[float]:
+    return [stats["curvature"] for stats in optimizer.layer_stats().values()]
+
+
+SHAPES = [(6, 5), (4, 8), (3, 7)]
+SCALES = [0.2, 3.0, 40.0]
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+@pytest.mark.parametrize("curvature", ["hvp", "fd"])
+def test_directional_estimators_recover_each_layer_curvature(curvature: str, base: str) -> None:
+    """``hvp`` and ``fd`` measure ``<v, A v> / <g, v> + beta`` with ``v = g`` (SGD) or ``v = P g`` (Adam) to 1%."""
+    generator = torch.Generator().manual_seed(1)
+    hessians = [_spd_matrix(math.prod(shape), 0.5 * h, 2 * h, generator) for shape, h in zip(SHAPES, SCALES, strict=True)]
+    problem = Quadratic(SHAPES, hessians)
+    weight_decay, adam_eps = 0.05, 1e-8
+    grads = problem.gradients()
+    # v = g, or v = P g where after Adam's first step v_hat = g^2, so P = 1 / (|g| + eps)
+    directions = grads if base == "sgd" else [g / (g.abs() + adam_eps) for g in grads]
+    expected = [
+        (torch.sum(v * (hessian @ v.reshape(-1)).view_as(v)) / torch.sum(g * v)).item() + weight_decay
+        for g, v, hessian in zip(grads, directions, hessians, strict=True)
+    ]
+    # A quadratic has no finite-difference truncation error, so fd can take a large step; it lifts the perturbation
+    # of the layer whose gradient is 200x smaller than the largest well above the fp32 rounding of its weights.
+    # lr = 0: the estimate is made, and fd must leave the weights exactly as they were.
+    optimizer = CBLR(problem.params, lr=0.0, weight_decay=weight_decay, curvature=curvature, base=base, eps=adam_eps,
+                     fd_step=0.1)
+    initial = [p.detach().clone() for p in problem.params]
+    problem.step(optimizer)
+    assert all(torch.equal(p, p0) for p, p0 in zip(problem.params, initial, strict=True))
+    if base == "sgd":  # each layer has its own curvature (Adam's preconditioner evens them out)
+        assert expected[2] > 5 * expected[1] > 25 * expected[0]
+    torch.testing.assert_close(torch.tensor(_curvatures(optimizer)), torch.tensor(expected), rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_secant_recovers_each_layer_curvature_after_one_step(weight_decay: float) -> None:
+    curvatures = SCALES
+    problem = Quadratic(SHAPES, _isotropic(SHAPES, curvatures))
+    optimizer = CBLR(problem.params, lr=1e-2, weight_decay=weight_decay, trust=1.0, max_ratio=2.0, min_ratio=0.05,
+                     curvature="secant")
+    problem.step(optimizer)
+    # No previous step: no curvature yet, and the rate is 1.
+    assert _curvatures(optimizer) == [0.0, 0.0, 0.0]
+    assert [stats["rate"] for stats in optimizer.layer_stats().values()] == [1.0, 1.0, 1.0]
+    expected = torch.tensor(curvatures) + weight_decay
+    for _ in range(3):
+        problem.step(optimizer)
+        torch.testing.assert_close(torch.tensor(_curvatures(optimizer)), expected, rtol=1e-3, atol=0)
+    rates = torch.tensor([stats["rate"] for stats in optimizer.layer_stats().values()])
+    assert rates[0] == 2.0 and rates[2] == 0.05  # clamped to [min_ratio, max_ratio]
+    torch.testing.assert_close(rates, (1 / expected).clamp(min=0.05, max=2.0), rtol=1e-3, atol=0)
+
+
+def test_secant_on_adam_base_scales_by_the_preconditioner_gain() -> None:
+    r"""Adam base: ``c = p |dg| / |dw|`` with the gain ``p = |P m_hat| / |m_hat|`` (``= p h`` on ``h I``)."""
+    curvatures = SCALES
+    problem = Quadratic(SHAPES, _isotropic(SHAPES, curvatures))
+    betas, eps = (0.9, 0.999), 1e-8
+    optimizer = CBLR(problem.params, lr=1e-2, base="adam", betas=betas, eps=eps, curvature="secant", curvature_ema=0.0)
+    problem.step(optimizer)
+    problem.step(optimizer)
+    expected = []
+    for param, h in zip(problem.params, curvatures, strict=True):
+        state = optimizer.state[param]
+        preconditioner = 1 / ((state["exp_avg_sq"] / (1 - betas[1] ** 2)).sqrt() + eps)
+        gain = torch.linalg.vector_norm(preconditioner * state["exp_avg"]) / torch.linalg.vector_norm(state["exp_avg"])
+        expected.append(gain.item() * h)
+    torch.testing.assert_close(torch.tensor(_curvatures(optimizer)), torch.tensor(expected), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "median"])
+@pytest.mark.parametrize("curvature", ["hutchinson", "secant_elementwise"])
+def test_elementwise_estimators_recover_each_layer_curvature(curvature: str, aggregate: str) -> None:
+    curvatures = SCALES
+    problem = Quadratic(SHAPES, _isotropic(SHAPES, curvatures))
+    optimizer = CBLR(problem.params, lr=1e-2, curvature=curvature, aggregate=aggregate)
+    for _ in range(3):
+        problem.step(optimizer)
+    torch.testing.assert_close(torch.tensor(_curvatures(optimizer)), torch.tensor(curvatures), rtol=1e-2, atol=0)
+
+
+def _steps_to_minimum(problem: Quadratic, optimizer: torch.optim.Optimizer, max_steps: int, tolerance: float = 1e-8) -> int:
+    """Steps until the loss is ``tolerance`` times its initial value (``max_steps + 1``: not within ``max_steps``)."""
+    initial = problem.loss().item()
+    for step in range(1, max_steps + 1):
+        problem.step(optimizer)
+        loss = problem.loss().item()
+        if not math.isfinite(loss):
+            break
+        if loss <= tolerance * initial:
+            return step
+    return max_steps + 1
+
+
+ILL_CONDITIONED = [0.1, 1.0, 10.0, 100.0]
+ILL_SHAPES = [(8, 4)] * len(ILL_CONDITIONED)
+SGD_MAX_STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def best_sgd_steps() -> int:
+    """The fewest steps momentum SGD needs with the best single learning rate (and momentum) of a small grid."""
+    steps = []
+    for lr in (2e-3, 5e-3, 1e-2, 1.9e-2, 3e-2):
+        for momentum in (0.0, 0.9):
+            problem = Quadratic(ILL_SHAPES, _isotropic(ILL_SHAPES, ILL_CONDITIONED))
+            optimizer = torch.optim.SGD(problem.params, lr=lr, momentum=momentum)
+            steps.append(_steps_to_minimum(problem, optimizer, SGD_MAX_STEPS))
+    return min(steps)
+
+
+@pytest.mark.parametrize("curvature", ["secant", "hvp", "fd", "secant_elementwise", "hutchinson"])
+def test_cblr_reaches_the_minimum_in_far_fewer_steps_than_sgd(curvature: str, best_sgd_steps: int) -> None:
+    """Curvatures 0.1 ... 100: one learning rate must be < 2 / 100 and then crawls on the flat layer;
+    CBLR's layer rates ``trust / c_l`` make every layer's step a Newton step (``lr * trust = 1``)."""
+    problem = Quadratic(ILL_SHAPES, _isotropic(ILL_SHAPES, ILL_CONDITIONED))
+    optimizer = CBLR(problem.params, lr=1e-2, trust=100.0, momentum=0.0, curvature=curvature, max_ratio=math.inf)
+    cblr_steps = _steps_to_minimum(problem, optimizer, SGD_MAX_STEPS)
+    assert cblr_steps * 20 <= best_sgd_steps, (cblr_steps, best_sgd_steps)
+
+
+def _mclr_problem(seed: int = 0) -> Quadratic:
+    """Three layers: a large one (200k elements) with log-normal per-element curvatures, two small isotropic ones."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(400, 500), (10, 10), (10, 10)]
+    large = torch.exp(0.5 * torch.randn(shapes[0], generator=generator))
+    return Quadratic(shapes, [large, torch.full(shapes[1], 0.3), torch.full(shapes[2], 5.0)], seed=seed)
+
+
+def test_mclr_sampled_median_is_close_to_the_exact_median() -> None:
+    curvatures = {}
+    for sample_size in (4096, None):
+        problem = _mclr_problem()
+        optimizer = MCLR(problem.params, lr=0.05, trust=1.0, momentum=0.0, curvature_ema=0.0, sample_size=sample_size)
+        problem.step(optimizer)
+        problem.step(optimizer)
+        curvatures[sample_size] = _curvatures(optimizer)
+        # r_l = trust * median_k(c_k) / c_l: the large layer holds the median curvature over layers.
+        rates = [stats["rate"] for stats in optimizer.layer_stats().values()]
+        c = curvatures[sample_size]
+        torch.testing.assert_close(torch.tensor(rates), torch.tensor([1.0, c[0] / c[1], c[0] / c[2]]), rtol=1e-5, atol=0)
+        assert ("sample_positions" in optimizer.state[problem.params[0]]) == (sample_size is not None)
+    exact_median = torch.median(_mclr_problem().hessians[0]).item()
+    assert curvatures[None][0] == pytest.approx(exact_median, rel=5e-3)
+    assert curvatures[4096][0] == pytest.approx(curvatures[None][0], rel=5e-2)
+    assert curvatures[4096][0] != curvatures[None][0]  # it did sample
+    assert curvatures[4096][1:] == pytest.approx([0.3, 5.0], rel=1e-3)
+
+
+def _anisotropic_problem() -> Quadratic:
+    generator = torch.Generator().manual_seed(2)
+    shapes = [(50, 40), (20, 10)]
+    return Quadratic(shapes, [torch.exp(torch.randn(shape, generator=generator)) for shape in shapes])
+
+
+def _run(curvature: str, seed: int, global_seed: int) -> tuple[Quadratic, CBLR]:
+    torch.manual_seed(global_seed)  # the estimators use their own generators, not the global one
+    problem = _anisotropic_problem()
+    optimizer_class = MCLR if curvature == "secant_elementwise" else CBLR
+    optimizer = optimizer_class(problem.params, lr=0.05, curvature=curvature, aggregate="median", sample_size=300, seed=seed)
+    for _ in range(4):
+        problem.step(optimizer)
+    return problem, optimizer
+
+
+@pytest.mark.parametrize("curvature", ["secant_elementwise", "hutchinson"])
+def test_runs_are_reproducible_with_a_fixed_seed(curvature: str) -> None:
+    problem, optimizer = _run(curvature, seed=3, global_seed=0)
+    again, optimizer_again = _run(curvature, seed=3, global_seed=1)
+    other, optimizer_other = _run(curvature, seed=4, global_seed=0)
+    for a, b in zip(problem.params, again.params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert _curvatures(optimizer) == _curvatures(optimizer_again)
+    # The 2000-element layer is sampled (300 distinct positions, drawn from the seed), the 200-element one used whole.
+    positions = optimizer.state[problem.params[0]]["sample_positions"]
+    assert torch.equal(positions, optimizer_again.state[again.params[0]]["sample_positions"])
+    assert len(positions.unique()) == 300
+    assert "sample_positions" not in optimizer.state[problem.params[1]]
+    assert not torch.equal(positions, optimizer_other.state[other.params[0]]["sample_positions"])
+    assert _curvatures(optimizer) != _curvatures(optimizer_other)
+    assert not all(torch.equal(a, b) for a, b in zip(problem.params, other.params, strict=True))
+
+
+def test_hutchinson_probes_come_from_the_seed() -> None:
+    """Where the Hessian is not diagonal the Rademacher probes change the estimate: the seed fixes them."""
+    curvatures = []
+    for seed in (3, 3, 4):
+        generator = torch.Generator().manual_seed(1)
+        problem = Quadratic(SHAPES, [_spd_matrix(math.prod(shape), 0.5, 2.0, generator) for shape in SHAPES])
+        optimizer = CBLR(problem.params, curvature="hutchinson", sample_size=None, seed=seed)
+        problem.step(optimizer)
+        curvatures.append(_curvatures(optimizer))
+    assert curvatures[0] == curvatures[1]
+    assert all(a != b for a, b in zip(curvatures[0], curvatures[2], strict=True))
+
+
+def test_invalid_estimates_keep_the_previous_curvature() -> None:
+    """The first valid estimate is taken as is, later ones are smoothed by the EMA; negative, NaN and infinite
+    estimates keep the previous curvature (``hvp`` on ``scale / 2 |w|^2`` estimates ``scale``)."""
+    generator = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.randn(4, 3, generator=generator))
+    optimizer = CBLR([param], lr=1e-3, trust=0.1, curvature="hvp", curvature_ema=0.5)
+    for scale, expected in [(2.0, 2.0), (-1.0, 2.0), (math.nan, 2.0), (math.inf, 2.0), (4.0, 3.0)]:
+        param.grad = torch.randn(4, 3, generator=generator)
+        optimizer.step(lambda scale=scale: 0.5 * scale * (param**2).sum())
+        stats = optimizer.layer_stats()["group0.0"]
+        assert stats["curvature"] == pytest.approx(expected, rel=1e-6)
+        assert stats["rate"] == pytest.approx(0.1 / expected, rel=1e-6)
+        assert torch.isfinite(param).all()
