@@ -1,0 +1,6 @@
+"""The Hugging Face Trainer integration: ``CBLRTrainingArguments`` and ``CBLRTrainer``."""
+
+from hf_cblr.trainer.arguments import CBLRTrainingArguments
+from hf_cblr.trainer.trainer import BatchScheduleCallback, CBLRTrainer
+
+__all__ = ["BatchScheduleCallback", "CBLRTrainer", "CBLRTrainingArguments"]
