@@ -1,4 +1,11 @@
-"""hf_cblr: curvature-based layer-wise learning rates for large-batch fine-tuning (arXiv 2012.08795)."""
+"""hf_cblr: curvature-based layer-wise learning rates for large-batch fine-tuning (arXiv 2012.08795).
+
+The optimizers need only torch; the Hugging Face pieces (``CBLRTrainingArguments``, ``CBLRTrainer``,
+``StructureProbeCallback``) import transformers on first use.
+"""
+
+from importlib import import_module
+from typing import Any
 
 from hf_cblr.optim import (
     CBLR,
@@ -13,14 +20,19 @@ from hf_cblr.optim import (
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CBLR",
-    "LAMB",
-    "LARS",
-    "MCLR",
-    "__version__",
-    "create_optimizer",
-    "get_optimizer_info",
-    "list_optimizers",
-    "param_groups",
-]
+_LAZY = {
+    "CBLRTrainingArguments": "hf_cblr.trainer",
+    "CBLRTrainer": "hf_cblr.trainer",
+    "StructureProbeCallback": "hf_cblr.diagnostics",
+    "optimizer_cls_and_kwargs": "hf_cblr.integrations",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_cblr' has no attribute {name!r}")
+
+
+__all__ = ["CBLR", "LAMB", "LARS", "MCLR", "create_optimizer", "get_optimizer_info", "list_optimizers",
+           "param_groups", "__version__", *_LAZY]
