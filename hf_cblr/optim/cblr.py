@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_cblr.optim._tensor_ops import TensorList, select_ops
+from hf_cblr.optim._tensor_ops import TensorList, TensorListOps, select_ops
 from hf_cblr.optim.curvature import (
     AGGREGATES,
     CURVATURE_ESTIMATORS,
@@ -38,6 +38,7 @@ from hf_cblr.optim.curvature import (
     LayerBatch,
     create_curvature_estimator,
 )
+from hf_cblr.optim.partitioned import PartitionedLayers
 
 BASES = ("sgd", "adam")
 
@@ -179,11 +180,14 @@ class CBLR(Optimizer):
             weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
         )
         self._last_layer_stats: dict[str, dict[str, Tensor]] = {}
+        # Under DeepSpeed ZeRO the groups hold flat partitions: this keeps the layers behind them.
+        self._partitioned = PartitionedLayers()
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         validate_group(self.param_groups[-1])
+        self._partitioned.record(self.param_groups[-1], len(self.param_groups) - 1)
 
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -192,7 +196,9 @@ class CBLR(Optimizer):
         if closure is not None and not self.estimator.needs_closure:
             with torch.enable_grad():
                 loss = closure()
-        batches = self._collect_batches()
+        batches = self._partitioned.batches(self)
+        if batches is None:
+            batches = self._collect_batches()
         if not batches:
             return loss
         step = self._advance_step_counters(batches)
@@ -209,6 +215,7 @@ class CBLR(Optimizer):
                 self._smooth_curvature(batch, estimate)
         for batch, rates in zip(batches, self._layer_rates(batches), strict=True):
             self._apply_update(batch, rates)
+        self._partitioned.store(self)
         return loss
 
     def _collect_batches(self) -> list[LayerBatch]:
@@ -223,23 +230,33 @@ class CBLR(Optimizer):
                     self._init_state(param)
             if members:
                 params = [p for _, p in members]
-                decayed = [_in_mask(group["weight_decay_mask"], p) for p in params]
-                adapted = [_in_mask(group["adaptation_mask"], p) for p in params]
-                device = params[0].device
-                batches.append(LayerBatch(
-                    group=group,
-                    params=params,
-                    weights=[p if p.dtype == torch.float32 else p.float() for p in params],
-                    grads=[p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params],
-                    states=[self.state[p] for p in params],
-                    names=[names[j] for j, _ in members],
-                    layer_ids=[first_layer_id + j for j, _ in members],
-                    decay=torch.tensor([group["weight_decay"] if d else 0.0 for d in decayed], device=device),
-                    adapt=torch.tensor(adapted, device=device),
-                    ops=select_ops(self.foreach, params),
+                batches.append(self._layer_batch(
+                    group, params, [p.grad for p in params], [self.state[p] for p in params],
+                    names=[names[j] for j, _ in members], layer_ids=[first_layer_id + j for j, _ in members],
+                    ndims=[p.ndim for p in params], ops=select_ops(self.foreach, params),
                 ))
             first_layer_id += len(group["params"])
         return batches
+
+    @staticmethod
+    def _layer_batch(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
+                     names: list[str], layer_ids: list[int], ndims: list[int], ops: TensorListOps) -> LayerBatch:
+        """The batch of one group's layers: ``params`` are the layers, or under ZeRO their local fragments
+        (:mod:`hf_cblr.optim.partitioned`), whose layers have ``ndims`` dimensions (the masks' default)."""
+        device = params[0].device
+        return LayerBatch(
+            group=group,
+            params=params,
+            weights=[p if p.dtype == torch.float32 else p.float() for p in params],
+            grads=[g if g.dtype == torch.float32 else g.float() for g in grads],
+            states=states,
+            names=names,
+            layer_ids=layer_ids,
+            decay=torch.tensor([group["weight_decay"] if _in_mask(group["weight_decay_mask"], n) else 0.0 for n in ndims],
+                               device=device),
+            adapt=torch.tensor([_in_mask(group["adaptation_mask"], n) for n in ndims], device=device),
+            ops=ops,
+        )
 
     def _init_state(self, param: Tensor) -> None:
         state = self.state[param]
@@ -366,7 +383,9 @@ class CBLR(Optimizer):
                 for name, stats in self._last_layer_stats.items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        previous = list(self.param_groups)
         super().load_state_dict(state_dict)
+        self._partitioned.follow(previous, self.param_groups)
         # torch casts every state tensor to its parameter's dtype, integer sample positions included; this
         # optimizer keeps its floating state in fp32 and its positions in int64: restore the saved dtypes.
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
@@ -377,8 +396,9 @@ class CBLR(Optimizer):
                     self.state[param][key] = value.to(device=param.device, copy=True)
 
 
-def _in_mask(mask: bool | None, param: Tensor) -> bool:
-    return param.ndim > 1 if mask is None else mask
+def _in_mask(mask: bool | None, ndim: int) -> bool:
+    """Whether a layer of ``ndim`` dimensions is in a group's mask (None: the layers with ``ndim > 1``)."""
+    return ndim > 1 if mask is None else mask
 
 
 def _bias_correction(beta: float, steps: Tensor) -> Tensor:

@@ -133,23 +133,25 @@ class CBLRTrainingArguments(TrainingArguments):
         """Whether any step drops samples (``drop_fraction`` or ``drop_fraction_end`` > 0)."""
         return self.drop_fraction > 0 or bool(self.drop_fraction_end)
 
-    def optimizer_kwargs(self) -> dict[str, Any]:
-        """The hf_cblr optimizer's keyword arguments from ``learning_rate``, the Adam arguments and ``optim_args``.
+    def optimizer_kwargs(self, name: str | None = None) -> dict[str, Any]:
+        """The keyword arguments of hf_cblr optimizer ``name`` (default: ``optim``) from ``learning_rate``, the Adam
+        arguments and, for ``optim`` itself, ``optim_args``.
 
         ``weight_decay`` is not among them: it goes to the decayed param group.
         """
-        parsed = parse_optim_args(self.optim_args)
+        name = self.optim if name is None else name
+        parsed = parse_optim_args(self.optim_args) if name == self.optim else {}
         for key, replacement in TRAINING_ARGUMENT_KEYS.items():
             if key in parsed:
                 raise ValueError(f"optim_args must not set {key!r}: use the training argument {replacement} instead")
-        info = get_optimizer_info(self.optim)
+        info = get_optimizer_info(name)
         valid = info.valid_kwargs()
         kwargs: dict[str, Any] = {"lr": self.learning_rate}
         if info.base == "adam":
             kwargs.update({key: value for key, value in (("betas", (self.adam_beta1, self.adam_beta2)),
                                                           ("eps", self.adam_epsilon)) if key in valid})
         kwargs.update(parsed)
-        check_optimizer_arguments(self.optim, kwargs)
+        check_optimizer_arguments(name, kwargs)
         return kwargs
 
     def parsed_batch_size_schedule(self) -> BatchSizeSchedule | None:

@@ -6,10 +6,15 @@ and the closure that the ``hvp``/``fd``/``hutchinson`` curvature estimators need
 decay/no-decay split (:meth:`~transformers.Trainer.get_decay_parameter_names`, ``weight_decay`` on
 the decayed group) crossed with hf_cblr's adaptation mask (:func:`hf_cblr.param_groups`: biases
 and norm layers get no layer rate). What trains is checked to be ours when training starts
-(:class:`~hf_cblr.integrations.OptimizerCheckCallback`). Under DeepSpeed, an optimizer instance
-passed as ``optimizers=`` is kept (transformers drops it, transformers#38753), and the DeepSpeed
-config is made to keep the client optimizer under ZeRO-Offload
-(:func:`~hf_cblr.integrations.prepare_deepspeed_config`).
+(:class:`~hf_cblr.integrations.OptimizerCheckCallback`). Under DeepSpeed, a config section
+``"optimizer": {"type": "CBLR" | "MCLR" | "LARS", "params": {...}}`` is taken out of the config (DeepSpeed
+cannot build it) and built the same way, its ``params`` over ``optim_args`` (``"auto"`` values and the
+checks against the training arguments are transformers'); an optimizer instance passed as
+``optimizers=`` is kept (transformers drops it, transformers#38753); the DeepSpeed config is made to
+keep the client optimizer under ZeRO-Offload (:func:`~hf_cblr.integrations.prepare_deepspeed_config`);
+and under ZeRO an estimator that cannot run on ZeRO partitions stops training at its start
+(:func:`~hf_cblr.optim.partitioned.check_zero_support`). Every hf_cblr optimizer is layer-exact under
+ZeRO (``docs/zero.md``).
 
 **Batch-size ramping** (``batch_size_schedule``, grammar in :mod:`hf_cblr.trainer.batch_schedule`).
 The whole plan of global batch sizes is fixed when training starts (``max_steps`` steps, or enough
@@ -71,9 +76,17 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, seed_worker
 from transformers.utils import is_datasets_available
 
-from hf_cblr.integrations.transformers import OptimizerCheckCallback, find_optimizer, prepare_deepspeed_config
+from hf_cblr.integrations.deepspeed import pop_optimizer_section
+from hf_cblr.integrations.transformers import (
+    OptimizerCheckCallback,
+    check_optimizer_arguments,
+    find_optimizer,
+    parse_optim_args,
+    prepare_deepspeed_config,
+)
 from hf_cblr.optim.cblr import CBLR
 from hf_cblr.optim.param_groups import param_groups
+from hf_cblr.optim.partitioned import check_zero_support
 from hf_cblr.optim.registry import get_optimizer_info
 from hf_cblr.trainer.arguments import CBLRTrainingArguments
 from hf_cblr.trainer.batch_schedule import (
@@ -170,6 +183,8 @@ class CBLRTrainer(Trainer):
         if not isinstance(self.args, CBLRTrainingArguments):
             raise TypeError(f"CBLRTrainer needs CBLRTrainingArguments, got {type(self.args).__name__}")
         self._client_optimizer, self._client_lr_scheduler = self.optimizer, self.lr_scheduler
+        #: (registry name, kwargs) of the DeepSpeed config's hf_cblr "optimizer" section, taken out of the config
+        self._config_optimizer = self._pop_deepspeed_optimizer_section() if self.is_deepspeed_enabled else None
         self._schedule = self.args.parsed_batch_size_schedule()
         self._plan: list[int] | None = None
         self._consumed: list[int] = [0]
@@ -196,7 +211,33 @@ class CBLRTrainer(Trainer):
             raise ValueError("batch_size_lr_scaling rescales the Trainer's learning-rate schedule: remove the "
                              "\"scheduler\" section of the DeepSpeed config, or set batch_size_lr_scaling='none'")
 
+    def _pop_deepspeed_optimizer_section(self) -> tuple[str, dict[str, Any]] | None:
+        """Our ``"optimizer"`` section of the DeepSpeed config, popped before ``deepspeed_init`` hands DeepSpeed a
+        ``DummyOptim`` for it: the registry name and the keyword arguments to build it with."""
+        spec = pop_optimizer_section(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        if spec is None:
+            return None
+        name, params = spec
+        if self._client_optimizer is not None or self.optimizer_cls_and_kwargs is not None:
+            raise ValueError("the optimizer is given both in the DeepSpeed config (\"optimizer\" section) and to the Trainer "
+                             "(optimizers= or optimizer_cls_and_kwargs=): give one")
+        if self.args.uses_hf_cblr_optimizer and self.args.optim != name:
+            raise ValueError(f"optim={self.args.optim!r}, but the DeepSpeed config's \"optimizer\" section is {name!r}: "
+                             "give one optimizer")
+        # The decayed groups' weight decay is args.weight_decay, which transformers matched against the section's.
+        params.pop("weight_decay", None)
+        given = parse_optim_args(self.args.optim_args) if self.args.optim == name else {}
+        clashes = sorted(key for key in params.keys() & given.keys() if params[key] != given[key])
+        if clashes:
+            raise ValueError(f"optim_args and the DeepSpeed config's \"optimizer\" section give different {clashes}: "
+                             "give each argument once")
+        kwargs = {**self.args.optimizer_kwargs(name), **params}
+        check_optimizer_arguments(name, kwargs)
+        return name, kwargs
+
     def _expects_hf_cblr_optimizer(self) -> bool:
+        if self._config_optimizer is not None:
+            return True
         if self._client_optimizer is not None:
             return isinstance(self._client_optimizer, CBLR)
         if self.optimizer_cls_and_kwargs is not None:
@@ -224,15 +265,20 @@ class CBLRTrainer(Trainer):
         if self.optimizer is None and self._client_optimizer is not None:
             # deepspeed_init sets trainer.optimizer to None and rebuilds it from args.optim (transformers#38753).
             self.optimizer = self._client_optimizer
-        if self.optimizer is None and self.optimizer_cls_and_kwargs is None and self.args.uses_hf_cblr_optimizer:
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is None and (
+                self._config_optimizer is not None or self.args.uses_hf_cblr_optimizer):
             self.optimizer = self._create_hf_cblr_optimizer(self.model if model is None else model)
         optimizer = super().create_optimizer(model)
         self._install_closure(optimizer)
+        ours = find_optimizer(optimizer)
+        if ours is not None and self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage > 0:
+            check_zero_support(ours)
         return optimizer
 
     def _create_hf_cblr_optimizer(self, model: nn.Module) -> Optimizer:
         """Our optimizer on groups split by (Trainer decay mask, hf_cblr adaptation mask), with parameter names."""
-        info = get_optimizer_info(self.args.optim)
+        optimizer_name, kwargs = self._config_optimizer or (self.args.optim, self.args.optimizer_kwargs())
+        info = get_optimizer_info(optimizer_name)
         decayed = set(self.get_decay_parameter_names(model))
         adapted = {name for group in param_groups(model) if group["adaptation_mask"] for name, _ in group["params"]}
         members: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
@@ -244,7 +290,7 @@ class CBLRTrainer(Trainer):
              "adaptation_mask": adapt}
             for (decay, adapt), named in sorted(members.items(), reverse=True)
         ]
-        return info.optimizer_class(groups, **{**info.defaults, **self.args.optimizer_kwargs()})
+        return info.optimizer_class(groups, **{**info.defaults, **kwargs})
 
     def create_scheduler(self, num_training_steps: int, optimizer: Optimizer | None = None) -> LRScheduler:
         if self.lr_scheduler is None and self._client_lr_scheduler is not None:
@@ -436,9 +482,12 @@ class CBLRTrainer(Trainer):
         if ours is None or not ours.estimator.needs_closure or id(ours) in self._closure_optimizers:
             return
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            # ZeRO partitions take no element-wise estimator either (check_zero_support)
+            alternatives = ("'secant' or 'weight_norm'" if self.is_deepspeed_enabled
+                            else "'secant', 'secant_elementwise' or 'weight_norm'")
             raise ValueError(f"curvature={ours.curvature!r} needs optimizer.step(closure), which "
                              f"{'DeepSpeed' if self.is_deepspeed_enabled else 'FSDP'} never passes to the optimizer; "
-                             "use curvature 'secant', 'secant_elementwise' or 'weight_norm', or train without it")
+                             f"use curvature {alternatives}, or train without it")
         if self.args.n_gpu > 1:
             raise ValueError(f"curvature={ours.curvature!r} does not support torch.nn.DataParallel (n_gpu > 1): launch "
                              "one process per device with torchrun or accelerate launch")

@@ -32,6 +32,7 @@ from hf_cblr.integrations import (
     optimizer_cls_and_kwargs,
     prepare_deepspeed_config,
 )
+from hf_cblr.optim.partitioned import LAYERS_KEY
 from hf_cblr.trainer import CBLRTrainer, CBLRTrainingArguments
 
 
@@ -159,7 +160,9 @@ def _train_deepspeed(output_dir: str, config: dict[str, Any], **kwargs: Any) -> 
                           optimizers=(optimizer, None))
     trainer.train()
     ours = find_optimizer(trainer.optimizer)
-    steps = {int(state["step"].item()) for state in ours.state.values()} if ours is not None else set()
+    # Under ZeRO the state is per flat partition, its per-layer step counts one vector (hf_cblr.optim.partitioned).
+    steps = ({int(step) for state in ours.state.values() for step in state[LAYERS_KEY]["step"].tolist()}
+             if ours is not None else set())
     changed = any(not torch.equal(before[name], param.detach()) for name, param in trainer.model.named_parameters()
                   if name in before)
     return {"ours": ours is not None, "is_client_instance": ours is optimizer,

@@ -1,0 +1,116 @@
+"""DeepSpeed entry points: ``"optimizer": {"type": "CBLR" | "MCLR" | "LARS"}`` in a DeepSpeed config, and the checks.
+
+Every optimizer of this package is exact under ZeRO-1/2/3 by itself (the optimizer finds the
+layers behind ZeRO's flat partitions: :mod:`hf_cblr.optim.partitioned`, ``docs/zero.md``), so one
+built in code (``hf_cblr.create_optimizer``, ``hf_cblr.CBLR``) can be passed to
+``deepspeed.initialize(optimizer=...)`` as it is. What DeepSpeed cannot do is build one from its
+config: its optimizer names are a fixed list, and an unknown ``type`` falls back to ``torch.optim``.
+This module does that, and sets the two config flags a client optimizer needs:
+
+* :func:`initialize` (``deepspeed.initialize`` for a config dict or JSON path): builds our section,
+  sets ``zero_allow_untested_optimizer``, keeps our optimizer under ZeRO-Offload
+  (``zero_force_ds_cpu_optimizer: false``, or a clear error where the config forces DeepSpeedCPUAdam),
+  and refuses estimators that cannot run on ZeRO partitions before any step.
+* :func:`optimizer_from_config` for ``accelerate launch`` scripts: build the optimizer from the
+  plugin's config before ``accelerator.prepare``::
+
+      optimizer = optimizer_from_config(accelerator.state.deepspeed_plugin.deepspeed_config, model)
+      model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+* :func:`pop_optimizer_section`, which :class:`~hf_cblr.trainer.CBLRTrainer` uses for a DeepSpeed
+  config with our section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from typing import Any, cast
+
+from torch import nn
+
+from hf_cblr.integrations.transformers import prepare_deepspeed_config
+from hf_cblr.optim.cblr import CBLR
+from hf_cblr.optim.partitioned import check_zero_support
+from hf_cblr.optim.registry import check_optimizer_kwargs, create_optimizer
+
+__all__ = [
+    "DEEPSPEED_OPTIMIZER_TYPES",
+    "initialize",
+    "optimizer_from_config",
+    "pop_optimizer_section",
+    "zero_stage",
+]
+
+#: The ``"optimizer": {"type": ...}`` names of a DeepSpeed config that this package builds (any case), and their
+#: registry names. ``LAMB`` is not among them: DeepSpeed maps that name to its own FusedLamb.
+DEEPSPEED_OPTIMIZER_TYPES = {"CBLR": "cblr", "MCLR": "mclr", "LARS": "lars"}
+
+
+def pop_optimizer_section(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """Pop ``config["optimizer"]`` if its ``type`` is one of :data:`DEEPSPEED_OPTIMIZER_TYPES`.
+
+    Returns the registry name and the section's ``params`` (names checked: ``TypeError`` naming any
+    the optimizer does not take), and sets ``zero_allow_untested_optimizer``, which DeepSpeed requires
+    for any optimizer outside its own list. Returns None, leaving ``config`` as it is, for any other
+    section: DeepSpeed builds that one itself.
+    """
+    section = config.get("optimizer")
+    if not section or str(section.get("type", "")).upper() not in DEEPSPEED_OPTIMIZER_TYPES:
+        return None
+    name = DEEPSPEED_OPTIMIZER_TYPES[str(section["type"]).upper()]
+    params = dict(section.get("params", {}))
+    check_optimizer_kwargs(name, params)
+    config.pop("optimizer")
+    config["zero_allow_untested_optimizer"] = True
+    return name, params
+
+
+def optimizer_from_config(config: dict[str, Any], model_or_params: nn.Module | Iterable[Any]) -> CBLR | None:
+    """Pop our ``"optimizer"`` section from ``config`` (:func:`pop_optimizer_section`) and build it.
+
+    A model is grouped as :func:`hf_cblr.create_optimizer` groups it (named groups: biases and norm
+    layers get neither weight decay nor a layer rate). Returns None for any other section.
+    """
+    spec = pop_optimizer_section(config)
+    if spec is None:
+        return None
+    name, params = spec
+    return cast(CBLR, create_optimizer(model_or_params, name, **params))
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    """The ZeRO stage of a DeepSpeed config (0: no ZeRO, DeepSpeed's default)."""
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def initialize(model: nn.Module, config: dict[str, Any] | str | os.PathLike[str], optimizer: Any = None,
+               **kwargs: Any) -> tuple[Any, ...]:
+    """``deepspeed.initialize`` that also builds ``"optimizer": {"type": "CBLR" | "MCLR" | "LARS", "params": {...}}``.
+
+    ``config`` is a dict (not modified) or the path of a JSON file. With our optimizer (from the
+    config, or passed as ``optimizer``): ``zero_allow_untested_optimizer`` is set; under ZeRO-Offload
+    it runs on the offloaded CPU partitions (``zero_force_ds_cpu_optimizer`` is set to false; a
+    config that sets it to true is refused, since DeepSpeed would then stop or swap in
+    DeepSpeedCPUAdam); under ZeRO an estimator that cannot run on partitions (``hvp``, ``fd``,
+    ``hutchinson``, the element-wise ones, so MCLR) raises ``NotImplementedError`` here.
+    Returns what ``deepspeed.initialize`` returns: ``(engine, optimizer, dataloader, lr_scheduler)``.
+    """
+    import deepspeed
+
+    if not isinstance(config, dict):
+        with open(config) as file:
+            config = json.load(file)
+    config = dict(config)
+    built = optimizer_from_config(config, model)
+    if built is not None:
+        if optimizer is not None:
+            raise ValueError("an optimizer is given both in the DeepSpeed config and as `optimizer`: give one")
+        optimizer = built
+    if isinstance(optimizer, CBLR):
+        if zero_stage(config) > 0:
+            check_zero_support(optimizer)
+        config["zero_allow_untested_optimizer"] = True
+        prepare_deepspeed_config(config)
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=config, **kwargs)

@@ -1,0 +1,399 @@
+r"""Exact layer-wise rates on flat partitions: the DeepSpeed ZeRO layouts (stages 1, 2, 3 and the BF16 optimizer).
+
+ZeRO flattens every param group into one buffer and gives each of the ``N`` data-parallel ranks a
+contiguous slice of it; the optimizer sees only that slice, as one 1-D fp32 tensor (stage 3: one
+per *sub-group*). A layer (parameter tensor) may lie in one rank's slice or be cut across several,
+so a layer norm computed on the slice would be a partial one and the rates would depend on ``N``.
+
+Here every rank builds the same list of *all* layers of the partition it is stepping, each with
+the *fragment* of it that lives in the local slice (possibly empty)::
+
+    flat group   [ w0 ........ | w1 ..... | w2 .. | pad ]      rank r holds [r P, (r+1) P)
+    rank 0       [ w0[0:86]          ]                         fragments: w0[0:86], w1[], w2[]
+    rank 1                          [ w0[86:91] w1 w2 pad ]    fragments: w0[86:91], w1, w2
+
+The optimizer's step (:class:`~hf_cblr.optim.cblr.CBLR`) runs unchanged on these fragments. Every
+per-layer quantity of the step is a sum over the layer's elements, and the step reads it through
+its batch's :class:`~hf_cblr.optim._tensor_ops.TensorListOps` (``norms``, ``dot``): on whole layers
+(one process) these are the local kernels; on fragments they are :class:`ReducingTensorListOps`,
+the same kernels followed by one ``all_reduce`` of the vector of all layers' partial sums,
+
+.. math::  \|x_l\|^2 = \sum_r \|x_{l,r}\|^2, \qquad \langle x_l, y_l\rangle = \sum_r \langle x_{l,r}, y_{l,r}\rangle,
+
+so every rank gets the norms of the whole layers, computes the same rates and applies them to its
+own fragments. State lives with the partition (memory per rank falls as ``1/N``):
+
+- element-wise state (momentum, previous gradient, Adam moments) is one flat tensor shaped like
+  the partition, in DeepSpeed's own layout, so DeepSpeed's tools for flat optimizer state apply;
+- per-layer scalars (step, curvature, last update norm) are ``[num_layers]`` vectors, the same on
+  every rank, under ``state["layers"]`` (a dict, which DeepSpeed's checkpoint code passes through
+  untouched instead of cutting it like a partition).
+
+Nothing here imports DeepSpeed: it reads the attributes DeepSpeed sets on the parameters
+(``_hp_mapping``, ``_dp_group``; stage 3: ``ds_id``, ``ds_shape``, ``ds_numel``,
+``ds_process_group``, ``partition_numel()``). Refused on partitions (:func:`check_zero_support`):
+the closure estimators (DeepSpeed steps without a closure) and the element-wise ones (MCLR's),
+whose element samples would be drawn from the fragments instead of the whole layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from hf_cblr.optim._tensor_ops import ForeachTensorListOps, TensorListOps, select_ops
+
+if TYPE_CHECKING:
+    from hf_cblr.optim.cblr import CBLR
+    from hf_cblr.optim.curvature import LayerBatch
+
+#: ``state[partition]["layers"]``: the per-layer scalars of a flat partition, one ``[num_layers]`` vector each.
+LAYERS_KEY = "layers"
+
+
+# -- distributors ------------------------------------------------------------------------------
+class Distributor(Protocol):
+    """Sums a tensor over the ranks that share a flat partition's param group."""
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor: ...
+
+
+class ProcessGroupDistributor:
+    """``torch.distributed.all_reduce`` over ``group`` (DeepSpeed's data-parallel group of the params)."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        #: all-reduces issued so far
+        self.calls = 0
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        self.calls += 1
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+
+class _ReducingOps(TensorListOps):
+    """Per-layer norms and inner products of whole layers from this rank's fragments."""
+
+    distributor: Distributor
+
+    def norms(self, xs: Sequence[Tensor]) -> Tensor:
+        if not xs:
+            return super().norms(xs)
+        return self.distributor.all_reduce_sum(super().norms(xs).square()).sqrt()
+
+    def dot(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+        if not xs:
+            return super().dot(xs, ys)
+        return self.distributor.all_reduce_sum(super().dot(xs, ys))
+
+
+class ReducingTensorListOps(_ReducingOps, TensorListOps):
+    """The single-tensor kernels; ``norms`` and ``dot`` summed over the ranks (one all-reduce per call)."""
+
+    def __init__(self, distributor: Distributor) -> None:
+        self.distributor = distributor
+
+
+class ReducingForeachTensorListOps(_ReducingOps, ForeachTensorListOps):
+    """The foreach kernels; ``norms`` and ``dot`` summed over the ranks (one all-reduce per call)."""
+
+    def __init__(self, distributor: Distributor) -> None:
+        self.distributor = distributor
+
+
+def reducing_ops(local: TensorListOps, distributor: Distributor) -> TensorListOps:
+    """``local``'s kernels, with norms and inner products summed over ``distributor``'s ranks."""
+    if isinstance(local, ForeachTensorListOps):
+        return ReducingForeachTensorListOps(distributor)
+    return ReducingTensorListOps(distributor)
+
+
+# -- fragments ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerFragment:
+    """The part of one layer that lives in this rank's flat partition.
+
+    Elements ``[layer_start, layer_start + length)`` of the flattened layer are elements
+    ``[offset, offset + length)`` of the partition; ``length == 0`` when none lives here.
+    """
+
+    index: int  # the layer's position in its param group, as given to the optimizer
+    shape: tuple[int, ...]
+    offset: int
+    layer_start: int
+    length: int
+
+
+def zero12_fragments(params: Sequence[Tensor], indices: Sequence[int], partition_start: int,
+                     partition_numel: int) -> list[LayerFragment]:
+    """Fragments of a stage 1/2 or BF16-optimizer partition.
+
+    The parameters of a group are views of one flat buffer (``stage_1_and_2.py:
+    _update_model_bit16_weights``, ``bf16_optimizer.py: _update_storage_to_flattened_tensor``), so
+    a parameter's storage offset is its offset in the buffer, and the partition is elements
+    ``[partition_start, partition_start + partition_numel)`` of it. (DeepSpeed's own ``_hp_mapping``
+    assumes the group's order and is wrong when ``round_robin_gradients`` reorders the buffer.)
+    """
+    if len({param.untyped_storage().data_ptr() for param in params}) != 1:
+        raise RuntimeError("the parameters of a ZeRO param group are not views of one flat buffer: unknown layout")
+    partition_end = partition_start + partition_numel
+    fragments = []
+    for param, index in zip(params, indices, strict=True):
+        offset = param.storage_offset()
+        start, end = max(offset, partition_start), min(offset + param.numel(), partition_end)
+        if start < end:
+            fragments.append(LayerFragment(index, tuple(param.shape), start - partition_start, start - offset, end - start))
+        else:
+            fragments.append(LayerFragment(index, tuple(param.shape), 0, 0, 0))
+    return fragments
+
+
+def zero3_fragments(params: Sequence[Tensor], indices: Sequence[int]) -> list[LayerFragment]:
+    """Fragments of a stage-3 sub-group partition: each parameter's ``ds_tensor`` slice, concatenated.
+
+    Rank ``r`` holds elements ``[r P, (r + 1) P)`` of a parameter, ``P = ceil(numel / N)``, the
+    last rank padded (``partition_parameters.py: _partition_param``); the sub-group partition is the
+    concatenation of those slices in sub-group order (``stage3.py: set_grad_positions``). The
+    padding is in no fragment.
+    """
+    fragments, offset = [], 0
+    for param, index in zip(params, indices, strict=True):
+        partition_numel = param.partition_numel()
+        start = dist.get_rank(group=param.ds_process_group) * partition_numel
+        length = max(0, min(partition_numel, param.ds_numel - start))
+        fragments.append(LayerFragment(index, tuple(param.ds_shape), offset, min(start, param.ds_numel), length))
+        offset += partition_numel
+    return fragments
+
+
+# -- the layers behind the partitions ----------------------------------------------------------
+@dataclass
+class _GroupRecord:
+    """A param group as it was given to the optimizer, before ZeRO replaced its parameters."""
+
+    params: list[Tensor]
+    names: list[str]
+    first_layer_id: int
+
+
+@dataclass
+class Partition:
+    """The layers of one flat partition and the per-layer views of its state."""
+
+    flat: Tensor
+    record: _GroupRecord
+    fragments: list[LayerFragment]
+    distributor: ProcessGroupDistributor
+    layer_states: list[dict[str, Any]] = field(default_factory=list)
+    #: key -> the stored object the views of ``layer_states[*][key]`` were cut from
+    bases: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.record.names[f.index] for f in self.fragments]
+
+    def local(self, tensor: Tensor) -> list[Tensor]:
+        """The fragments of ``tensor`` (shaped like the partition), one 1-D view per layer."""
+        return [tensor.narrow(0, f.offset, f.length) for f in self.fragments]
+
+
+class PartitionedLayers:
+    """The ZeRO side of a :class:`~hf_cblr.optim.cblr.CBLR` optimizer; every CBLR has one.
+
+    It records each param group as it is added (ZeRO later replaces the group's parameters by one
+    flat partition). While the groups hold their own parameters, :meth:`batches` returns None and
+    the optimizer steps its layers as they are. While they hold ZeRO partitions, it builds the
+    step's batches (one per visible partition: all its layers, their local fragments, norms reduced
+    over the ranks) and :meth:`store` keeps their state in the partition. DeepSpeed calls ``step``
+    once per param group under ZeRO-1/2 (``stage_1_and_2.py: _optimizer_step``), once per sub-group
+    under ZeRO-3 (``stage3.py: _optimizer_step``) and once for all groups with the BF16 optimizer.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[int, _GroupRecord] = {}
+        self._partitions: dict[int, Partition] = {}
+        self._stepped: list[Partition] = []
+
+    def record(self, group: dict[str, Any], index: int) -> None:
+        """Remember ``group`` (the optimizer's ``index``-th), as given to the optimizer."""
+        names = group.get("param_names") or [f"group{index}.{j}" for j in range(len(group["params"]))]
+        first_layer_id = sum(len(record.params) for record in self._records.values())
+        self._records[id(group)] = _GroupRecord(list(group["params"]), list(names), first_layer_id)
+
+    def follow(self, previous: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
+        """``torch.optim.Optimizer.load_state_dict`` replaced the group dicts: the records follow by position."""
+        self._records = {id(new): self._records[id(old)] for old, new in zip(previous, groups, strict=True)}
+        self._partitions.clear()
+
+    def partitions(self) -> list[Partition]:
+        """The partitions stepped so far."""
+        return list(self._partitions.values())
+
+    def batches(self, optimizer: CBLR) -> list[LayerBatch] | None:
+        """The step's batches, or None when no param group holds a ZeRO partition (the optimizer's own layers)."""
+        groups = [group for group in optimizer.param_groups if group["params"]]
+        partitioned = [self._holds_partition(group) for group in groups]
+        if not any(partitioned):
+            return None
+        if not all(partitioned):
+            raise RuntimeError("some param groups hold ZeRO partitions and others do not: not a known layout")
+        check_zero_support(optimizer)
+        self._stepped = []
+        batches = []
+        for group in groups:
+            flat = group["params"][0]
+            if flat.grad is None:
+                continue
+            partition = self._partition(optimizer, flat, self._records[id(group)])
+            self._stepped.append(partition)
+            batches.append(optimizer._layer_batch(
+                group, partition.local(flat), partition.local(flat.grad), partition.layer_states,
+                names=partition.names,
+                layer_ids=[partition.record.first_layer_id + f.index for f in partition.fragments],
+                ndims=[len(f.shape) for f in partition.fragments],
+                ops=reducing_ops(select_ops(optimizer.foreach, [flat]), partition.distributor),
+            ))
+        return batches
+
+    def store(self, optimizer: CBLR) -> None:
+        """After the step: keep what it created or replaced per layer in the partitions' storage."""
+        for partition in self._stepped:
+            _store_layer_states(optimizer.state[partition.flat], partition)
+        self._stepped = []
+
+    def _holds_partition(self, group: dict[str, Any]) -> bool:
+        """ZeRO replaced the group's parameters by one flat partition (and linked the originals to it)."""
+        params, record = group["params"], self._records[id(group)]
+        if len(params) != 1 or (record.params and params[0] is record.params[0]):
+            return False
+        if isinstance(getattr(params[0], "ds_id", None), str):
+            return True  # stage 3: the fp32 sub-group partition, ds_id "<first ds_id>_<last ds_id>"
+        trainable = [p for p in record.params if p.requires_grad and p.numel() > 0]
+        return bool(trainable) and all(hasattr(p, "_hp_mapping") for p in trainable)
+
+    def _partition(self, optimizer: CBLR, flat: Tensor, record: _GroupRecord) -> Partition:
+        partition = self._partitions.get(id(flat))
+        if partition is None or partition.flat is not flat:
+            partition = Partition(flat, record, *_layout(flat, record))
+            self._partitions[id(flat)] = partition
+        stored = optimizer.state[flat]
+        if not stored:
+            _init_partition_state(optimizer, partition)
+        elif not partition.bases or any(stored.get(key) is not base for key, base in partition.bases.items()):
+            _attach_layer_states(stored, partition)  # a checkpoint was loaded, or DeepSpeed replaced the state
+        return partition
+
+
+def _layout(flat: Tensor, record: _GroupRecord) -> tuple[list[LayerFragment], ProcessGroupDistributor]:
+    """The fragments of the layers of ``flat`` and the distributor over the ranks sharing it."""
+    trainable = [(j, p) for j, p in enumerate(record.params) if p.requires_grad]
+    ds_id = getattr(flat, "ds_id", None)
+    if isinstance(ds_id, str):
+        first, last = (int(part) for part in ds_id.split("_"))
+        ids = [p.ds_id for _, p in trainable]
+        members = [(j, p) for j, p in trainable[ids.index(first): ids.index(last) + 1] if p.ds_numel > 0]
+        fragments = zero3_fragments([p for _, p in members], [j for j, _ in members])
+        group = members[0][1].ds_process_group
+    else:
+        members = [(j, p) for j, p in trainable if p.numel() > 0]
+        group = members[0][1]._dp_group
+        rank = dist.get_rank(group=group)
+        fragments = zero12_fragments([p for _, p in members], [j for j, _ in members], rank * flat.numel(), flat.numel())
+    end = max(f.offset + f.length for f in fragments)
+    if end > flat.numel():
+        raise RuntimeError(f"the layers' fragments end at element {end}, past the partition's {flat.numel()}")
+    return fragments, ProcessGroupDistributor(group)
+
+
+# -- state in the partition --------------------------------------------------------------------
+def _init_partition_state(optimizer: CBLR, partition: Partition) -> None:
+    """The optimizer's fresh state of every fragment (its ``_init_state``), stored into the partition."""
+    layer_states = []
+    for fragment in partition.local(partition.flat):
+        optimizer._init_state(fragment)
+        layer_states.append(optimizer.state.pop(fragment))
+    partition.layer_states = layer_states
+    optimizer.state[partition.flat] = {LAYERS_KEY: {}}
+    _store_layer_states(optimizer.state[partition.flat], partition)
+
+
+def _attach_layer_states(stored: dict[str, Any], partition: Partition) -> None:
+    """Per-layer views of a partition's stored state; refuses state saved for another partitioning."""
+    layers = stored[LAYERS_KEY]
+    num_layers = len(partition.fragments)
+    partition.layer_states = [{} for _ in partition.fragments]
+    for key, vector in list(layers.items()):
+        if vector.shape != (num_layers,):
+            raise RuntimeError(
+                f"the optimizer state {LAYERS_KEY}[{key!r}] holds {vector.numel()} layers, this partition has "
+                f"{num_layers}: the checkpoint was saved with another param grouping or ZeRO sub-grouping"
+            )
+        layers[key] = vector.to(partition.flat.device)
+        for state, value in zip(partition.layer_states, layers[key].unbind(), strict=True):
+            state[key] = value
+    for key, value in stored.items():
+        if key == LAYERS_KEY:
+            continue
+        if not isinstance(value, Tensor) or value.shape != partition.flat.shape:
+            raise RuntimeError(
+                f"the optimizer state {key!r} has shape {tuple(getattr(value, 'shape', ()))}, the partition "
+                f"{tuple(partition.flat.shape)}: the checkpoint was saved with another ZeRO world size or "
+                "partitioning (DeepSpeed re-partitions optimizer state only through universal checkpoints)"
+            )
+        for state, view in zip(partition.layer_states, partition.local(value), strict=True):
+            state[key] = view
+    partition.bases = dict(stored)
+
+
+def _store_layer_states(stored: dict[str, Any], partition: Partition) -> None:
+    """Move state the last step created or replaced per layer into the partition's storage.
+
+    A scalar per layer goes to ``stored["layers"][key]``, a tensor with one value per element of the
+    fragment to a flat tensor shaped like the partition; the layer dicts then hold views of the storage.
+    """
+    layers = stored[LAYERS_KEY]
+    for key in dict.fromkeys(key for state in partition.layer_states for key in state):
+        values = [state.get(key) for state in partition.layer_states]
+        if any(value is None for value in values):
+            raise RuntimeError(f"optimizer state {key!r} exists for some layers of a partition only")
+        if key in layers or all(value.ndim == 0 for value in values):
+            if key not in layers:
+                layers[key] = torch.stack(values).to(torch.float32)
+            views = list(layers[key].unbind())
+        elif all(value.ndim == 1 and value.numel() == f.length for value, f in zip(values, partition.fragments, strict=True)):
+            if key not in stored:
+                stored[key] = torch.zeros_like(partition.flat, dtype=values[0].dtype)
+            views = partition.local(stored[key])
+        else:
+            raise RuntimeError(
+                f"optimizer state {key!r} is neither one value per layer nor one per element of the layer; "
+                "it cannot be kept in a ZeRO partition"
+            )
+        for state, value, view in zip(partition.layer_states, values, views, strict=True):
+            if value is not view:
+                view.copy_(value)
+                state[key] = view
+    partition.bases = dict(stored)
+
+
+def check_zero_support(optimizer: CBLR) -> None:
+    """Raise ``NotImplementedError`` for an estimator that cannot run on ZeRO partitions, saying what to use."""
+    estimator = optimizer.estimator
+    if estimator.needs_closure:
+        raise NotImplementedError(
+            f"curvature={estimator.name!r} is not supported under DeepSpeed ZeRO: it needs optimizer.step(closure) and "
+            "DeepSpeed calls step() without a closure; use curvature='secant' or 'weight_norm'"
+        )
+    if estimator.elementwise:
+        raise NotImplementedError(
+            f"{type(optimizer).__name__} with curvature={estimator.name!r} is not supported under DeepSpeed ZeRO: the "
+            "element sample of a per-element curvature would be drawn from each rank's fragment of the layer instead "
+            "of the whole layer, so the rates would depend on the world size; use CBLR with curvature='secant' or "
+            "'weight_norm', LARS or LAMB (MCLR's estimators are all per-element)"
+        )
