@@ -146,7 +146,8 @@ def test_card_from_trainer_reads_the_optimizer_that_trains(tmp_path: Path) -> No
     )
     trainer = CBLRTrainer(model=BertForSequenceClassification(config), args=args)
     trainer.create_optimizer()
-    metrics = {"eval_accuracy": 0.75, "eval_loss": 0.5, "eval_runtime": 1.5, "eval_samples_per_second": 9.0, "epoch": 2.0}
+    metrics = {"eval_accuracy": 0.75, "eval_loss": 0.5, "eval_runtime": 1.5, "eval_samples_per_second": 9.0, "epoch": 2.0,
+               "eval_samples": 256}
     info = model_card_info_from_trainer(trainer, model_name="tiny", dataset_label="tiny.tsv", metrics=metrics,
                                         dataset_type="csv")
     assert info.optimizer_class == optimizer_class_name(trainer.optimizer) == "hf_cblr.optim.mclr.MCLR"

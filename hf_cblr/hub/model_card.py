@@ -36,7 +36,7 @@ PACKAGE_URL = "https://pypi.org/project/hf-cblr/"
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "template.md"
 
 #: Evaluation entries that describe the run, not the model; left out of the card's results.
-_NON_METRICS = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+_NON_METRICS = ("runtime", "samples", "samples_per_second", "steps_per_second", "epoch")
 #: Group entries that are bookkeeping, not hyperparameters.
 _NOT_HYPERPARAMETERS = {"params", "param_names", "initial_lr", "weight_decay_mask", "adaptation_mask"}
 _SGD_ONLY = {"momentum", "dampening", "nesterov"}
