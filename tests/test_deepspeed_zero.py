@@ -147,7 +147,16 @@ def test_offload_that_forces_deepspeed_cpu_adam_is_refused() -> None:
         zero.initialize(worker.build_model(), config)
 
 
-@pytest.mark.parametrize("section", [{"type": "MCLR", "params": {}}, {"type": "CBLR", "params": {"curvature": "hvp"}}])
+@pytest.mark.multiprocess
+def test_mclr_with_adapted_layers_in_several_zero3_sub_groups_stops_with_a_clear_error(tmp_path: Path) -> None:
+    """ZeRO-3 steps each sub-group in its own call, where MCLR's median over the adapted layers would see only some."""
+    run_worker(1, str(tmp_path), "3", "sub-groups")
+    error = (tmp_path / "sub-groups-error.txt").read_text()
+    assert "median curvature over all 3 adapted layers" in error and "sub_group_size" in error
+
+
+@pytest.mark.parametrize("section", [{"type": "MCLR", "params": {"curvature": "hutchinson"}},
+                                     {"type": "CBLR", "params": {"curvature": "hvp"}}])
 def test_estimators_that_cannot_run_on_partitions_are_refused_at_initialize(section: dict[str, Any]) -> None:
     with pytest.raises(NotImplementedError, match="not supported under DeepSpeed ZeRO"):
         zero.initialize(worker.build_model(), {"zero_optimization": {"stage": 2}, "optimizer": section})

@@ -1,7 +1,10 @@
 """DeepSpeed entry points: ``"optimizer": {"type": "CBLR" | "MCLR" | "LARS"}`` in a DeepSpeed config, and the checks.
 
 Every optimizer of this package is exact under ZeRO-1/2/3 by itself (the optimizer finds the
-layers behind ZeRO's flat partitions: :mod:`hf_cblr.optim.partitioned`, ``docs/zero.md``), so one
+layers behind ZeRO's flat partitions: :mod:`hf_cblr.optim.partitioned`, ``docs/zero.md``), MCLR
+included: its element samples are drawn from the whole layers as in one process, each rank measures
+the sampled elements of its own fragments and one all-reduce per partition and step assembles them,
+so its rates do not depend on the world size. One
 built in code (``hf_cblr.create_optimizer``, ``hf_cblr.CBLR``) can be passed to
 ``deepspeed.initialize(optimizer=...)`` as it is. What DeepSpeed cannot do is build one from its
 config: its optimizer names are a fixed list, and an unknown ``type`` falls back to ``torch.optim``.
@@ -10,7 +13,7 @@ This module does that, and sets the two config flags a client optimizer needs:
 * :func:`initialize` (``deepspeed.initialize`` for a config dict or JSON path): builds our section,
   sets ``zero_allow_untested_optimizer``, keeps our optimizer under ZeRO-Offload
   (``zero_force_ds_cpu_optimizer: false``, or a clear error where the config forces DeepSpeedCPUAdam),
-  and refuses estimators that cannot run on ZeRO partitions before any step.
+  and refuses estimators that cannot run on ZeRO partitions (those that need a closure) before any step.
 * :func:`optimizer_from_config` for ``accelerate launch`` scripts: build the optimizer from the
   plugin's config before ``accelerator.prepare``::
 
@@ -44,7 +47,7 @@ __all__ = [
 ]
 
 #: The ``"optimizer": {"type": ...}`` names of a DeepSpeed config that this package builds (any case), and their
-#: registry names. ``LAMB`` is not among them: DeepSpeed maps that name to its own FusedLamb.
+#: registry names; all run under ZeRO-1/2/3. ``LAMB`` is not among them: DeepSpeed maps that name to its own FusedLamb.
 DEEPSPEED_OPTIMIZER_TYPES = {"CBLR": "cblr", "MCLR": "mclr", "LARS": "lars"}
 
 
@@ -93,8 +96,10 @@ def initialize(model: nn.Module, config: dict[str, Any] | str | os.PathLike[str]
     config, or passed as ``optimizer``): ``zero_allow_untested_optimizer`` is set; under ZeRO-Offload
     it runs on the offloaded CPU partitions (``zero_force_ds_cpu_optimizer`` is set to false; a
     config that sets it to true is refused, since DeepSpeed would then stop or swap in
-    DeepSpeedCPUAdam); under ZeRO an estimator that cannot run on partitions (``hvp``, ``fd``,
-    ``hutchinson``, the element-wise ones, so MCLR) raises ``NotImplementedError`` here.
+    DeepSpeedCPUAdam); under ZeRO an estimator that needs a closure (``hvp``, ``fd``, ``hutchinson``)
+    raises ``NotImplementedError`` here. MCLR (``secant_elementwise``) is exact under ZeRO-1/2/3 as long as
+    one ``step`` sees all its adapted layers: under ZeRO-3 their param group must be one sub-group
+    (``sub_group_size``, DeepSpeed's default 1e9), else its first step raises ``NotImplementedError``.
     Returns what ``deepspeed.initialize`` returns: ``(engine, optimizer, dataloader, lr_scheduler)``.
     """
     import deepspeed

@@ -81,6 +81,10 @@ class TensorListOps:
             return torch.empty(0)
         return torch.stack([torch.sum(x.float() * y.float()) for x, y in zip(xs, ys, strict=True)])
 
+    def all_reduce_sum(self, vector: Tensor) -> Tensor:
+        """``vector`` summed over the ranks that share the layers (in place); in one process, ``vector`` itself."""
+        return vector
+
 
 class ForeachTensorListOps(TensorListOps):
     """Multi-tensor path: one ``torch._foreach_*`` kernel per operation for the whole list."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -39,6 +39,9 @@ from hf_cblr.optim.curvature import (
     create_curvature_estimator,
 )
 from hf_cblr.optim.partitioned import PartitionedLayers
+
+if TYPE_CHECKING:
+    from hf_cblr.optim.partitioned import LayerFragment
 
 BASES = ("sgd", "adam")
 
@@ -122,6 +125,10 @@ class CBLR(Optimizer):
     other estimators a closure is called once, as in ``torch.optim.SGD``.
     """
 
+    #: The rates depend on all adapted layers together (:meth:`_reference_curvature` is not a constant), so
+    #: under ZeRO one ``step`` must see all of them or none.
+    rates_need_all_layers: ClassVar[bool] = False
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -187,7 +194,9 @@ class CBLR(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         validate_group(self.param_groups[-1])
-        self._partitioned.record(self.param_groups[-1], len(self.param_groups) - 1)
+        group = self.param_groups[-1]
+        self._partitioned.record(group, len(self.param_groups) - 1,
+                                 [_in_mask(group["adaptation_mask"], param.ndim) for param in group["params"]])
 
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -240,8 +249,9 @@ class CBLR(Optimizer):
 
     @staticmethod
     def _layer_batch(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
-                     names: list[str], layer_ids: list[int], ndims: list[int], ops: TensorListOps) -> LayerBatch:
-        """The batch of one group's layers: ``params`` are the layers, or under ZeRO their local fragments
+                     names: list[str], layer_ids: list[int], ndims: list[int], ops: TensorListOps,
+                     fragments: list[LayerFragment] | None = None) -> LayerBatch:
+        """The batch of one group's layers: ``params`` are the layers, or under ZeRO their local ``fragments``
         (:mod:`hf_cblr.optim.partitioned`), whose layers have ``ndims`` dimensions (the masks' default)."""
         device = params[0].device
         return LayerBatch(
@@ -256,6 +266,7 @@ class CBLR(Optimizer):
                                device=device),
             adapt=torch.tensor([_in_mask(group["adaptation_mask"], n) for n in ndims], device=device),
             ops=ops,
+            fragments=fragments,
         )
 
     def _init_state(self, param: Tensor) -> None:

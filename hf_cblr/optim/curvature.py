@@ -20,12 +20,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from hf_cblr.optim._tensor_ops import TensorList, TensorListOps
+
+if TYPE_CHECKING:
+    from hf_cblr.optim.partitioned import LayerFragment
 
 Closure = Callable[[], Tensor]
 
@@ -42,7 +45,8 @@ class LayerBatch:
 
     ``direction`` is the base optimizer's direction before the layer rate: ``g + beta w`` for the
     SGD base, ``u = m_hat / (sqrt(v_hat) + eps) + beta w`` for the Adam base, whose
-    ``adam_denominators`` are ``sqrt(v_hat) + eps``.
+    ``adam_denominators`` are ``sqrt(v_hat) + eps``. Under DeepSpeed ZeRO ``params`` are 1-D
+    fragments of the layers, described by ``fragments`` (None: whole layers).
     """
 
     group: dict[str, Any]
@@ -60,6 +64,7 @@ class LayerBatch:
     grad_norms: Tensor = field(default_factory=lambda: torch.empty(0))
     #: Adam base: ``|P m_hat| / |m_hat|`` per layer, the preconditioner's gain along the momentum.
     preconditioner_gains: Tensor = field(default_factory=lambda: torch.empty(0))
+    fragments: list[LayerFragment] | None = None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -90,6 +95,8 @@ class CurvatureEstimator:
     needs_closure: ClassVar[bool] = False
     #: Estimates from per-element curvatures, aggregated by ``aggregate`` over a fixed sample.
     elementwise: ClassVar[bool] = False
+    #: Per-layer state holding one value per sampled element (under ZeRO: per sampled element of the fragment).
+    sample_state_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, aggregate: str = "mean", sample_size: int | None = 4096, seed: int = 0,
                  fd_step: float = 1e-3) -> None:
@@ -116,10 +123,14 @@ class CurvatureEstimator:
         if self.sample_size is None or numel <= self.sample_size:
             return None
         if "sample_positions" not in state:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + batch.layer_ids[index])
-            positions = torch.randperm(numel, generator=generator)[: self.sample_size].sort().values
-            state["sample_positions"] = positions.to(batch.params[index].device)
+            state["sample_positions"] = self._draw_positions(numel, batch.layer_ids[index]).to(batch.params[index].device)
         return state["sample_positions"]
+
+    def _draw_positions(self, numel: int, layer_id: int) -> Tensor:
+        """``sample_size`` distinct flat positions of a layer of ``numel > sample_size`` elements, sorted,
+        from the generator seeded with ``(seed, layer id)``."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer_id)
+        return torch.randperm(numel, generator=generator)[: self.sample_size].sort().values
 
 
 CURVATURE_ESTIMATORS: dict[str, type[CurvatureEstimator]] = {}
@@ -197,37 +208,112 @@ class SecantCurvature(CurvatureEstimator):
         return estimates
 
 
+class FragmentSample(NamedTuple):
+    """The part of a layer's element sample that lies in one fragment of the layer (under ZeRO)."""
+
+    #: places in the layer's sample (``0 <= slot < size``) of the positions in the fragment
+    slots: Tensor
+    #: those positions, relative to the fragment's first element
+    local: Tensor
+    #: elements in the layer's whole sample: ``min(numel, sample_size)``
+    size: int
+
+
 @register_curvature_estimator
 class ElementwiseSecantCurvature(CurvatureEstimator):
     """Per-element secants ``|P_i dg_i| / |dw_i|``, aggregated over the layer's element sample.
 
     Keeps the previous gradient and weight at the sampled positions only (``sample_size`` values
-    each); elements whose ``|dw_i|`` is negligible are ignored.
+    each); elements whose ``|dw_i|`` is negligible are ignored. On ZeRO fragments the sample is the
+    one of the whole layer, and the estimates are those of one process (:meth:`_estimate_on_fragments`).
     """
 
     name = "secant_elementwise"
     elementwise = True
+    sample_state_keys = ("sample_prev_grad", "sample_prev_weight")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._fragment_samples: dict[tuple[int, int, int], FragmentSample] = {}
 
     def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
-        estimates = []
-        for batch in batches:
-            estimate = batch.no_estimates()
-            for i, state in enumerate(batch.states):
-                positions = self._sample_positions(batch, i)
-                grad = batch.grads[i].reshape(-1)
-                weight = batch.weights[i].reshape(-1)
-                grad = grad.clone() if positions is None else grad[positions]
-                weight = weight.clone() if positions is None else weight[positions]
-                if "sample_prev_grad" in state:
-                    grad_change = (grad - state["sample_prev_grad"]).abs_() * batch.preconditioner_at(i, positions)
-                    step = (weight - state["sample_prev_weight"]).abs_()
-                    moved = step > NEGLIGIBLE_STEP_FRACTION * step.mean()
-                    curvature = self._aggregate(grad_change[moved] / step[moved])
-                    estimate[i] = curvature + batch.decay[i]
-                state["sample_prev_grad"] = grad
-                state["sample_prev_weight"] = weight
-            estimates.append(estimate)
-        return estimates
+        return [self._estimate(batch) if batch.fragments is None else self._estimate_on_fragments(batch)
+                for batch in batches]
+
+    def _estimate(self, batch: LayerBatch) -> Tensor:
+        estimate = batch.no_estimates()
+        for i, state in enumerate(batch.states):
+            positions = self._sample_positions(batch, i)
+            grad = batch.grads[i].reshape(-1)
+            weight = batch.weights[i].reshape(-1)
+            grad = grad.clone() if positions is None else grad[positions]
+            weight = weight.clone() if positions is None else weight[positions]
+            if "sample_prev_grad" in state:
+                grad_change = (grad - state["sample_prev_grad"]).abs_() * batch.preconditioner_at(i, positions)
+                weight_change = (weight - state["sample_prev_weight"]).abs_()
+                estimate[i] = self._secant(grad_change, weight_change) + batch.decay[i]
+            state["sample_prev_grad"] = grad
+            state["sample_prev_weight"] = weight
+        return estimate
+
+    def _secant(self, grad_change: Tensor, weight_change: Tensor) -> Tensor:
+        """``agg_i(P_i |dg_i| / |dw_i|)`` over the sampled elements with ``|dw_i| > 10^-3 mean_j |dw_j|``."""
+        moved = weight_change > NEGLIGIBLE_STEP_FRACTION * weight_change.mean()
+        return self._aggregate(grad_change[moved] / weight_change[moved])
+
+    def _estimate_on_fragments(self, batch: LayerBatch) -> Tensor:
+        r"""The estimates of the whole layers from this rank's fragments: those of one process, bit for bit.
+
+        The rank keeps the previous gradient and weight at the sampled positions of its fragments only.
+        It writes :math:`P_i |\Delta g_i|` and :math:`|\Delta w_i|` of those positions, at their slots in
+        their layer's sample, into one zero vector ``[P|dg| of sample 1, |dw| of sample 1, P|dg| of
+        sample 2, ...]`` of all the batch's layers, and one all-reduce sums it over the ranks. Every
+        sampled position lies in exactly one rank's fragment, so each entry is ``x + 0 + ... + 0 = x``:
+        every rank then holds the samples one process measures, in the same order, and aggregates them
+        as one process does.
+        """
+        estimate = batch.no_estimates()
+        samples = [self._fragment_sample(batch, i) for i in range(len(batch))]
+        continuing = [i for i, state in enumerate(batch.states) if "sample_prev_grad" in state]
+        if continuing:  # the same layers on every rank: they all started at the partition's first step
+            offsets = [0]
+            for i in continuing:
+                offsets.append(offsets[-1] + 2 * samples[i].size)
+            measured = torch.zeros(offsets[-1], dtype=torch.float32, device=batch.decay.device)
+            for i, offset in zip(continuing, offsets[:-1], strict=True):
+                slots, local, size = samples[i]
+                state = batch.states[i]
+                grad_change = (batch.grads[i][local] - state["sample_prev_grad"]).abs_() * batch.preconditioner_at(i, local)
+                measured[offset + slots] = grad_change
+                measured[offset + size + slots] = (batch.weights[i][local] - state["sample_prev_weight"]).abs_()
+            batch.ops.all_reduce_sum(measured)
+            for i, offset in zip(continuing, offsets[:-1], strict=True):
+                size = samples[i].size
+                grad_change, weight_change = measured[offset: offset + 2 * size].clone().split(size)
+                estimate[i] = self._secant(grad_change, weight_change) + batch.decay[i]
+        for i, state in enumerate(batch.states):
+            state["sample_prev_grad"] = batch.grads[i][samples[i].local]
+            state["sample_prev_weight"] = batch.weights[i][samples[i].local]
+        return estimate
+
+    def _fragment_sample(self, batch: LayerBatch, index: int) -> FragmentSample:
+        """The part of layer ``index``'s sample in its fragment: the whole layer's sample of one process
+        (:meth:`_draw_positions`, or all elements when ``numel <= sample_size``). Drawn once per process and
+        kept here, not in the optimizer state: it is a function of the seed, the layer and the fragment."""
+        assert batch.fragments is not None
+        fragment = batch.fragments[index]
+        key = (batch.layer_ids[index], fragment.layer_start, fragment.length)
+        if key not in self._fragment_samples:
+            numel = fragment.layer_numel
+            if self.sample_size is None or numel <= self.sample_size:
+                positions = torch.arange(numel)
+            else:
+                positions = self._draw_positions(numel, batch.layer_ids[index])
+            slots = ((positions >= fragment.layer_start) & (positions < fragment.layer_start + fragment.length)).nonzero()[:, 0]
+            device = batch.params[index].device
+            self._fragment_samples[key] = FragmentSample(
+                slots.to(device), (positions[slots] - fragment.layer_start).to(device), positions.numel())
+        return self._fragment_samples[key]
 
 
 def _all_layers(batches: list[LayerBatch]) -> tuple[list[Tensor], list[tuple[int, int]]]:

@@ -9,11 +9,17 @@ curvature over the adapted layers:
     r_l = \min\!\Big(\tau\, \frac{\operatorname{median}_k c_k}{c_l + \epsilon_c},\ r_{\max}\Big)
 
 so the layer of median curvature moves at the base learning rate and ``trust`` is dimensionless.
+
+Under DeepSpeed ZeRO-1/2/3 (``secant_elementwise``) the rates are those of one process, for any world
+size: each layer's sample is drawn from the whole layer as in one process, each rank measures the
+sampled elements of its fragment, and one all-reduce per partition and step assembles the samples on
+every rank (:mod:`hf_cblr.optim.partitioned`). The median over layers needs all adapted layers in one
+``step``: under ZeRO-3 their param group must be one sub-group (``sub_group_size`` at least its size).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -27,6 +33,8 @@ ELEMENTWISE_ESTIMATORS = tuple(sorted(name for name, cls in CURVATURE_ESTIMATORS
 class MCLR(CBLR):
     """Median-curvature learning rate. Takes the arguments of :class:`CBLR`; ``curvature`` must be
     element-wise (``secant_elementwise``, the default, or ``hutchinson``) and ``aggregate`` is ``median``."""
+
+    rates_need_all_layers: ClassVar[bool] = True
 
     def __init__(self, params: Any, lr: float = 0.1, trust: float = 1.0, curvature: str = "secant_elementwise",
                  aggregate: str = "median", **kwargs: Any) -> None:

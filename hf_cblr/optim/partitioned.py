@@ -27,13 +27,25 @@ own fragments. State lives with the partition (memory per rank falls as ``1/N``)
   the partition, in DeepSpeed's own layout, so DeepSpeed's tools for flat optimizer state apply;
 - per-layer scalars (step, curvature, last update norm) are ``[num_layers]`` vectors, the same on
   every rank, under ``state["layers"]`` (a dict, which DeepSpeed's checkpoint code passes through
-  untouched instead of cutting it like a partition).
+  untouched instead of cutting it like a partition);
+- per-layer rows of other lengths (the estimator's ``sample_state_keys``: MCLR's previous gradient
+  and weight at the sampled elements that lie in the fragment) are, per key, one vector of the rows
+  concatenated and their ``[num_layers]`` lengths, under ``state["layer_rows"]``.
+
+MCLR's element sample (``secant_elementwise``) is world-size independent: the positions are drawn
+from the whole layer with the generator of one process, ``(seed, layer id)``, and each rank keeps
+the previous gradient and weight only at the positions in its fragment (a rank's share of the
+``2 sample_size`` values per layer). Each step, a rank writes the per-element ``P_i |dg_i|`` and
+``|dw_i|`` of its positions into a zero vector of the batch's whole samples, and one ``all_reduce``
+(:meth:`~hf_cblr.optim._tensor_ops.TensorListOps.all_reduce_sum`) gives every rank the samples of
+one process: every position lies in exactly one fragment, so each sum is ``x + 0 = x``, exactly.
+The median over layers that normalizes MCLR's rates must see all adapted layers in one ``step``:
+a step over only some of them (ZeRO-3 with several sub-groups holding adapted layers) is refused.
 
 Nothing here imports DeepSpeed: it reads the attributes DeepSpeed sets on the parameters
 (``_hp_mapping``, ``_dp_group``; stage 3: ``ds_id``, ``ds_shape``, ``ds_numel``,
 ``ds_process_group``, ``partition_numel()``). Refused on partitions (:func:`check_zero_support`):
-the closure estimators (DeepSpeed steps without a closure) and the element-wise ones (MCLR's),
-whose element samples would be drawn from the fragments instead of the whole layers.
+the closure estimators (DeepSpeed steps without a closure).
 """
 
 from __future__ import annotations
@@ -54,6 +66,9 @@ if TYPE_CHECKING:
 
 #: ``state[partition]["layers"]``: the per-layer scalars of a flat partition, one ``[num_layers]`` vector each.
 LAYERS_KEY = "layers"
+#: ``state[partition]["layer_rows"][key]``: per-layer rows of any length, ``{"values": the rows concatenated,
+#: "lengths": [num_layers]}``.
+ROWS_KEY = "layer_rows"
 
 
 # -- distributors ------------------------------------------------------------------------------
@@ -92,6 +107,9 @@ class _ReducingOps(TensorListOps):
             return super().dot(xs, ys)
         return self.distributor.all_reduce_sum(super().dot(xs, ys))
 
+    def all_reduce_sum(self, vector: Tensor) -> Tensor:
+        return self.distributor.all_reduce_sum(vector)
+
 
 class ReducingTensorListOps(_ReducingOps, TensorListOps):
     """The single-tensor kernels; ``norms`` and ``dot`` summed over the ranks (one all-reduce per call)."""
@@ -128,6 +146,11 @@ class LayerFragment:
     offset: int
     layer_start: int
     length: int
+
+    @property
+    def layer_numel(self) -> int:
+        """Elements of the whole layer."""
+        return torch.Size(self.shape).numel()
 
 
 def zero12_fragments(params: Sequence[Tensor], indices: Sequence[int], partition_start: int,
@@ -180,6 +203,8 @@ class _GroupRecord:
     params: list[Tensor]
     names: list[str]
     first_layer_id: int
+    #: ids of the trainable layers in the group's adaptation mask
+    adapted: frozenset[int]
 
 
 @dataclass
@@ -220,11 +245,14 @@ class PartitionedLayers:
         self._partitions: dict[int, Partition] = {}
         self._stepped: list[Partition] = []
 
-    def record(self, group: dict[str, Any], index: int) -> None:
-        """Remember ``group`` (the optimizer's ``index``-th), as given to the optimizer."""
+    def record(self, group: dict[str, Any], index: int, adapted: Sequence[bool]) -> None:
+        """Remember ``group`` (the optimizer's ``index``-th), as given to the optimizer; ``adapted``: which of
+        its parameters are in its adaptation mask."""
         names = group.get("param_names") or [f"group{index}.{j}" for j in range(len(group["params"]))]
         first_layer_id = sum(len(record.params) for record in self._records.values())
-        self._records[id(group)] = _GroupRecord(list(group["params"]), list(names), first_layer_id)
+        adapted_ids = frozenset(first_layer_id + j for j, (param, adapt) in enumerate(zip(group["params"], adapted, strict=True))
+                                if adapt and param.requires_grad)
+        self._records[id(group)] = _GroupRecord(list(group["params"]), list(names), first_layer_id, adapted_ids)
 
     def follow(self, previous: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
         """``torch.optim.Optimizer.load_state_dict`` replaced the group dicts: the records follow by position."""
@@ -258,14 +286,35 @@ class PartitionedLayers:
                 layer_ids=[partition.record.first_layer_id + f.index for f in partition.fragments],
                 ndims=[len(f.shape) for f in partition.fragments],
                 ops=reducing_ops(select_ops(optimizer.foreach, [flat]), partition.distributor),
+                fragments=partition.fragments,
             ))
+        if optimizer.rates_need_all_layers:
+            self._check_all_adapted_layers(optimizer, batches)
         return batches
 
     def store(self, optimizer: CBLR) -> None:
         """After the step: keep what it created or replaced per layer in the partitions' storage."""
         for partition in self._stepped:
-            _store_layer_states(optimizer.state[partition.flat], partition)
+            _store_layer_states(optimizer.state[partition.flat], partition, optimizer.estimator.sample_state_keys)
         self._stepped = []
+
+    def _check_all_adapted_layers(self, optimizer: CBLR, batches: list[LayerBatch]) -> None:
+        """Refuse a step over some but not all adapted layers: MCLR's median over them would see only those.
+
+        DeepSpeed calls ``step`` per param group (ZeRO-1/2) or per sub-group (ZeRO-3). A call whose
+        layers include no adapted one does not use the median; one that includes all of them is exact.
+        """
+        stepped = {layer_id for batch in batches for layer_id, adapt in zip(batch.layer_ids, batch.adapt.tolist(), strict=True)
+                   if adapt}
+        adapted = frozenset().union(*(record.adapted for record in self._records.values()))
+        if stepped and stepped != adapted:
+            raise NotImplementedError(
+                f"{type(optimizer).__name__} normalizes its layer rates by the median curvature over all {len(adapted)} "
+                f"adapted layers, but DeepSpeed steps {len(stepped)} of them in this optimizer.step() call (ZeRO-3 steps "
+                "each sub-group on its own): raise zero_optimization.sub_group_size to at least the number of parameters "
+                "of the param group that holds the adapted layers (DeepSpeed's default, 1e9, does), and keep the adapted layers "
+                "in one param group (ZeRO-1/2 step each param group on its own)"
+            )
 
     def _holds_partition(self, group: dict[str, Any]) -> bool:
         """ZeRO replaced the group's parameters by one flat partition (and linked the originals to it)."""
@@ -320,7 +369,7 @@ def _init_partition_state(optimizer: CBLR, partition: Partition) -> None:
         layer_states.append(optimizer.state.pop(fragment))
     partition.layer_states = layer_states
     optimizer.state[partition.flat] = {LAYERS_KEY: {}}
-    _store_layer_states(optimizer.state[partition.flat], partition)
+    _store_layer_states(optimizer.state[partition.flat], partition, optimizer.estimator.sample_state_keys)
 
 
 def _attach_layer_states(stored: dict[str, Any], partition: Partition) -> None:
@@ -337,8 +386,19 @@ def _attach_layer_states(stored: dict[str, Any], partition: Partition) -> None:
         layers[key] = vector.to(partition.flat.device)
         for state, value in zip(partition.layer_states, layers[key].unbind(), strict=True):
             state[key] = value
+    for key, rows in stored.get(ROWS_KEY, {}).items():
+        # torch's load_state_dict casts nested tensors to the partition's dtype: the lengths come back as floats
+        rows["lengths"] = rows["lengths"].to(device="cpu", dtype=torch.int64)
+        if rows["lengths"].shape != (num_layers,):
+            raise RuntimeError(
+                f"the optimizer state {ROWS_KEY}[{key!r}] holds {rows['lengths'].numel()} layers, this partition has "
+                f"{num_layers}: the checkpoint was saved with another param grouping or ZeRO sub-grouping"
+            )
+        rows["values"] = rows["values"].to(partition.flat.device)
+        for state, view in zip(partition.layer_states, rows["values"].split(rows["lengths"].tolist()), strict=True):
+            state[key] = view
     for key, value in stored.items():
-        if key == LAYERS_KEY:
+        if key in (LAYERS_KEY, ROWS_KEY):
             continue
         if not isinstance(value, Tensor) or value.shape != partition.flat.shape:
             raise RuntimeError(
@@ -351,18 +411,26 @@ def _attach_layer_states(stored: dict[str, Any], partition: Partition) -> None:
     partition.bases = dict(stored)
 
 
-def _store_layer_states(stored: dict[str, Any], partition: Partition) -> None:
+def _store_layer_states(stored: dict[str, Any], partition: Partition, row_keys: Sequence[str]) -> None:
     """Move state the last step created or replaced per layer into the partition's storage.
 
     A scalar per layer goes to ``stored["layers"][key]``, a tensor with one value per element of the
-    fragment to a flat tensor shaped like the partition; the layer dicts then hold views of the storage.
+    fragment to a flat tensor shaped like the partition, a 1-D row of another length (``row_keys``) into
+    ``stored["layer_rows"][key]``; the layer dicts then hold views of the storage.
     """
     layers = stored[LAYERS_KEY]
     for key in dict.fromkeys(key for state in partition.layer_states for key in state):
         values = [state.get(key) for state in partition.layer_states]
         if any(value is None for value in values):
             raise RuntimeError(f"optimizer state {key!r} exists for some layers of a partition only")
-        if key in layers or all(value.ndim == 0 for value in values):
+        if key in row_keys:
+            rows = stored.setdefault(ROWS_KEY, {})
+            lengths = [value.numel() for value in values]
+            if key not in rows or rows[key]["lengths"].tolist() != lengths:
+                rows[key] = {"values": torch.cat([value.reshape(-1) for value in values]),
+                             "lengths": torch.tensor(lengths, dtype=torch.int64)}
+            views = list(rows[key]["values"].split(lengths))
+        elif key in layers or all(value.ndim == 0 for value in values):
             if key not in layers:
                 layers[key] = torch.stack(values).to(torch.float32)
             views = list(layers[key].unbind())
@@ -388,12 +456,5 @@ def check_zero_support(optimizer: CBLR) -> None:
     if estimator.needs_closure:
         raise NotImplementedError(
             f"curvature={estimator.name!r} is not supported under DeepSpeed ZeRO: it needs optimizer.step(closure) and "
-            "DeepSpeed calls step() without a closure; use curvature='secant' or 'weight_norm'"
-        )
-    if estimator.elementwise:
-        raise NotImplementedError(
-            f"{type(optimizer).__name__} with curvature={estimator.name!r} is not supported under DeepSpeed ZeRO: the "
-            "element sample of a per-element curvature would be drawn from each rank's fragment of the layer instead "
-            "of the whole layer, so the rates would depend on the world size; use CBLR with curvature='secant' or "
-            "'weight_norm', LARS or LAMB (MCLR's estimators are all per-element)"
+            "DeepSpeed calls step() without a closure; use curvature='secant' or 'weight_norm' (MCLR: 'secant_elementwise')"
         )

@@ -482,12 +482,9 @@ class CBLRTrainer(Trainer):
         if ours is None or not ours.estimator.needs_closure or id(ours) in self._closure_optimizers:
             return
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            # ZeRO partitions take no element-wise estimator either (check_zero_support)
-            alternatives = ("'secant' or 'weight_norm'" if self.is_deepspeed_enabled
-                            else "'secant', 'secant_elementwise' or 'weight_norm'")
             raise ValueError(f"curvature={ours.curvature!r} needs optimizer.step(closure), which "
                              f"{'DeepSpeed' if self.is_deepspeed_enabled else 'FSDP'} never passes to the optimizer; "
-                             f"use curvature {alternatives}, or train without it")
+                             "use curvature 'secant', 'secant_elementwise' or 'weight_norm', or train without it")
         if self.args.n_gpu > 1:
             raise ValueError(f"curvature={ours.curvature!r} does not support torch.nn.DataParallel (n_gpu > 1): launch "
                              "one process per device with torchrun or accelerate launch")

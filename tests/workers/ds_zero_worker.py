@@ -4,7 +4,8 @@
 
 ``... ds_zero_worker.py OUTPUT_DIR STAGE resize-save`` saves a checkpoint of the ``lars`` case after 3 steps;
 ``... ds_zero_worker.py OUTPUT_DIR STAGE resize-load`` (with another number of ranks) tries to resume it and
-writes the error to ``OUTPUT_DIR/resize-error.txt``.
+writes the error to ``OUTPUT_DIR/resize-error.txt``. ``... ds_zero_worker.py OUTPUT_DIR 3 sub-groups`` steps MCLR under
+ZeRO-3 with its adapted layers in several sub-groups and writes the error to ``OUTPUT_DIR/sub-groups-error.txt``.
 
 For every entry of :data:`CASES` it trains :data:`STEPS` steps on the batches of :func:`batch`, each
 rank on its half of the global batch (options: ``offload``, the optimizer state offloaded to the
@@ -34,8 +35,10 @@ IN, HIDDEN1, HIDDEN2, OUT = 7, 13, 5, 3
 GLOBAL_BATCH = 8
 STEPS = 10
 
-#: name -> (registry optimizer, keyword arguments); every estimator that needs no closure and is not element-wise.
-#: The cases in :data:`JSON_TYPES` reach DeepSpeed as ``"optimizer": {"type": ..., "params": ...}`` through
+#: name -> (registry optimizer, keyword arguments); every estimator that needs no closure. MCLR with
+#: ``sample_size=64`` samples the two large weights (91 and 65 elements; the first cut by the partition
+#: boundary), with the default 4096 it takes all elements of every layer. The cases in :data:`JSON_TYPES`
+#: reach DeepSpeed as ``"optimizer": {"type": ..., "params": ...}`` through
 #: ``hf_cblr.integrations.deepspeed.initialize``; those in :data:`PLAIN_DEEPSPEED` as a plain
 #: ``hf_cblr.create_optimizer(...)`` straight into ``deepspeed.initialize``; the others as that optimizer through
 #: ``initialize``.
@@ -45,8 +48,13 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "cblr-weight_norm": ("cblr", {"lr": 0.1, "trust": 0.05, "curvature": "weight_norm", "nesterov": True}),
     "cblr_adam-secant": ("cblr_adam", {"lr": 1e-2, "trust": 0.1, "curvature": "secant", "weight_decay": 1e-2}),
     "lamb": ("lamb", {"lr": 1e-2, "weight_decay": 1e-2}),
+    "mclr-sampled": ("mclr", {"lr": 0.1, "sample_size": 64, "weight_decay": 1e-2}),
+    "mclr_adam-sampled": ("mclr_adam", {"lr": 1e-2, "sample_size": 64, "weight_decay": 1e-2}),
+    "mclr": ("mclr", {"lr": 0.1, "weight_decay": 1e-2}),
 }
-JSON_TYPES = {"lars": "LARS", "cblr-secant": "CBLR"}
+JSON_TYPES = {"lars": "LARS", "cblr-secant": "CBLR", "mclr": "MCLR"}
+#: MCLR's median over the adapted layers needs them all in one step: under ZeRO-3 one sub-group per param group.
+WHOLE_GROUP_STEPS = {"mclr-sampled", "mclr_adam-sampled", "mclr"}
 PLAIN_DEEPSPEED = {"cblr-weight_norm", "cblr_adam-secant"}
 
 
@@ -67,15 +75,15 @@ def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.mse_loss(outputs, targets)
 
 
-def ds_config(stage: int, world_size: int, options: frozenset[str] = frozenset()) -> dict[str, Any]:
+def ds_config(stage: int, world_size: int, options: frozenset[str] = frozenset(), sub_groups: bool = True) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": stage}
     if "offload" in options:
         zero["offload_optimizer"] = {"device": "cpu"}
     if "round_robin" in options:
         zero["round_robin_gradients"] = True  # the flat buffer in another order than the param group
     if stage == 3:
-        # several sub-groups per param group, and no parameter kept whole on every rank
-        zero.update(sub_group_size=60, stage3_param_persistence_threshold=0)
+        # several sub-groups per param group (with ``sub_groups``), and no parameter kept whole on every rank
+        zero.update(sub_group_size=60 if sub_groups else 10**9, stage3_param_persistence_threshold=0)
     # gradient_clipping: DeepSpeed's default is 1.0 (runtime/constants.py), the reference does not clip
     return {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world_size, "gradient_accumulation_steps": 1,
             "gradient_clipping": 0.0, "steps_per_print": 10**9, "zero_optimization": zero}
@@ -92,7 +100,8 @@ def state_bytes(state: Any) -> int:
     return 0
 
 
-def _engine(case: str, stage: int, options: frozenset[str], world_size: int) -> tuple[Any, Any, nn.Module]:
+def _engine(case: str, stage: int, options: frozenset[str], world_size: int,
+            sub_groups: bool | None = None) -> tuple[Any, Any, nn.Module]:
     import deepspeed
 
     import hf_cblr
@@ -100,7 +109,7 @@ def _engine(case: str, stage: int, options: frozenset[str], world_size: int) -> 
 
     model = build_model()
     name, kwargs = CASES[case]
-    config = ds_config(stage, world_size, options)
+    config = ds_config(stage, world_size, options, sub_groups=case not in WHOLE_GROUP_STEPS if sub_groups is None else sub_groups)
     if case in JSON_TYPES:
         config["optimizer"] = {"type": JSON_TYPES[case], "params": kwargs}
         engine, *_ = zero.initialize(model, config)
@@ -188,10 +197,25 @@ def resize(output_dir: Path, stage: int, phase: str) -> None:
         (output_dir / "resize-error.txt").write_text(f"{type(error).__name__}: {error}")
 
 
+def refuse_sub_groups(output_dir: Path) -> None:
+    """MCLR under ZeRO-3 with ``sub_group_size=60``: its adapted layers are stepped in several calls."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    engine, _, _ = _engine("mclr-sampled", 3, frozenset(), world_size, sub_groups=True)
+    try:
+        _train(engine, range(1), rank, world_size)
+    except NotImplementedError as error:  # the test reads what was raised
+        (output_dir / "sub-groups-error.txt").write_text(str(error))
+
+
 if __name__ == "__main__":
     stage, *options = sys.argv[2].split("+")
     if len(sys.argv) > 3 and sys.argv[3].startswith("resize"):
         resize(Path(sys.argv[1]), int(stage), sys.argv[3])
+    elif len(sys.argv) > 3 and sys.argv[3] == "sub-groups":
+        refuse_sub_groups(Path(sys.argv[1]))
     else:
         main(Path(sys.argv[1]), int(stage), frozenset(options), int(sys.argv[3]) if len(sys.argv) > 3 else None)
     torch.distributed.destroy_process_group()
