@@ -175,6 +175,17 @@ def test_elementwise_secant_on_adam_base_is_the_per_layer_formula(aggregate: str
     torch.testing.assert_close(torch.tensor(_curvatures(optimizer)), torch.tensor(expected), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("aggregate", ["mean", "median"])
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_elementwise_secant_gives_no_estimate_for_a_layer_without_elements(aggregate: str, base: str) -> None:
+    problem = Quadratic([(0, 3), (4, 3)], [torch.ones(0, 3), torch.full((4, 3), 2.0)])
+    optimizer = CBLR(problem.params, lr=1e-2, base=base, curvature="secant_elementwise", aggregate=aggregate)
+    for _ in range(3):
+        problem.step(optimizer)
+    curvatures = _curvatures(optimizer)
+    assert curvatures[0] == 0.0 and curvatures[1] > 0
+
+
 def _steps_to_minimum(problem: Quadratic, optimizer: torch.optim.Optimizer, max_steps: int, tolerance: float = 1e-8) -> int:
     """Steps until the loss is ``tolerance`` times its initial value (``max_steps + 1``: not within ``max_steps``)."""
     initial = problem.loss().item()

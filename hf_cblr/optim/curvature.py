@@ -270,8 +270,10 @@ def _samples(tensors: TensorList, positions: list[Tensor | None]) -> TensorList:
 
 
 def _padded(samples: TensorList) -> Tensor:
-    """The 1-D ``samples`` as the rows of one matrix, padded with NaN to the longest."""
-    return torch.nn.utils.rnn.pad_sequence(samples, batch_first=True, padding_value=math.nan)
+    """The 1-D ``samples`` as the rows of one matrix, padded with NaN to the longest (at least one column:
+    the row of a layer without elements is NaN, no estimate)."""
+    padded = torch.nn.utils.rnn.pad_sequence(samples, batch_first=True, padding_value=math.nan)
+    return padded if padded.shape[1] else padded.new_full((len(samples), 1), math.nan)
 
 
 def _all_layers(batches: list[LayerBatch]) -> tuple[list[Tensor], list[tuple[int, int]]]:
