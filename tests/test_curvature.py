@@ -146,6 +146,46 @@ def test_elementwise_estimators_recover_each_layer_curvature(curvature: str, agg
     torch.testing.assert_close(torch.tensor(_curvatures(optimizer)), torch.tensor(curvatures), rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("aggregate", ["mean", "median"])
+@pytest.mark.parametrize("sample_size", [64, None])
+def test_elementwise_secant_on_adam_base_is_the_per_layer_formula(aggregate: str, sample_size: int | None) -> None:
+    r"""Adam base: ``c_l = agg_i P_i |dg_i| / |dw_i| + beta`` over the sampled elements that moved, layer by layer,
+    although layers of different sample lengths are computed together (padded)."""
+    shapes = [(20, 10), (7,), (3, 5), (40,)]
+    generator = torch.Generator().manual_seed(5)
+    problem = Quadratic(shapes, [torch.exp(torch.randn(shape, generator=generator)) for shape in shapes])
+    betas, eps, decay = (0.9, 0.99), 1e-8, 0.1
+    optimizer = CBLR(problem.params, lr=1e-2, base="adam", betas=betas, eps=eps, weight_decay=decay, weight_decay_mask=True,
+                     curvature="secant_elementwise", aggregate=aggregate, curvature_ema=0.0, sample_size=sample_size)
+    weights, grads = [p.detach().clone() for p in problem.params], problem.gradients()
+    problem.step(optimizer)
+    weight_changes = [p.detach() - w for p, w in zip(problem.params, weights, strict=True)]
+    grad_changes = [g - g0 for g, g0 in zip(problem.gradients(), grads, strict=True)]
+    problem.step(optimizer)
+    expected = []
+    for param, dw, dg in zip(problem.params, weight_changes, grad_changes, strict=True):
+        state = optimizer.state[param]
+        preconditioner = 1 / ((state["exp_avg_sq"] / (1 - betas[1] ** 2)).sqrt() + eps)
+        positions = state.get("sample_positions", torch.arange(param.numel()))
+        dw, dg, p = (t.reshape(-1)[positions] for t in (dw, dg, preconditioner))
+        moved = dw.abs() > 1e-3 * dw.abs().mean()
+        secants = p[moved] * dg[moved].abs() / dw[moved].abs()
+        expected.append((secants.median() if aggregate == "median" else secants.mean()).item() + decay)
+    assert ("sample_positions" in optimizer.state[problem.params[0]]) == (sample_size is not None)
+    torch.testing.assert_close(torch.tensor(_curvatures(optimizer)), torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "median"])
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_elementwise_secant_gives_no_estimate_for_a_layer_without_elements(aggregate: str, base: str) -> None:
+    problem = Quadratic([(0, 3), (4, 3)], [torch.ones(0, 3), torch.full((4, 3), 2.0)])
+    optimizer = CBLR(problem.params, lr=1e-2, base=base, curvature="secant_elementwise", aggregate=aggregate)
+    for _ in range(3):
+        problem.step(optimizer)
+    curvatures = _curvatures(optimizer)
+    assert curvatures[0] == 0.0 and curvatures[1] > 0
+
+
 def _steps_to_minimum(problem: Quadratic, optimizer: torch.optim.Optimizer, max_steps: int, tolerance: float = 1e-8) -> int:
     """Steps until the loss is ``tolerance`` times its initial value (``max_steps + 1``: not within ``max_steps``)."""
     initial = problem.loss().item()

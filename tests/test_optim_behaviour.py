@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from hf_cblr import CBLR, LAMB, LARS, MCLR, create_optimizer, get_optimizer_info, list_optimizers, param_groups
 from hf_cblr.optim import CURVATURE_ESTIMATORS
+from hf_cblr.optim import _tensor_ops as tensor_ops
 from hf_cblr.optim.registry import check_optimizer_kwargs
 
 #: Hyperparameters with which each optimizer trains the regression of ``conftest.Regression`` in 20 steps.
@@ -51,7 +52,12 @@ def test_registry_lists_the_six_optimizers() -> None:
         assert type(optimizer) is cls and optimizer.base == base and get_optimizer_info(name).base == base
 
 
-def test_foreach_matches_single_tensor(optimizer_config: Any, make_regression: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("accelerator_kernels", [False, True])
+def test_foreach_matches_single_tensor(optimizer_config: Any, make_regression: Callable[..., Any], accelerator_kernels: bool,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``accelerator_kernels``: the foreach path as off the CPU, where a quotient cannot be written into its divisor."""
+    if accelerator_kernels:
+        monkeypatch.setattr(tensor_ops, "_on_cpu", lambda tensors: False)
     params = {}
     for foreach in (True, False):
         problem = make_regression()

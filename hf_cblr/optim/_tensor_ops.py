@@ -45,9 +45,6 @@ class TensorListOps:
         for x, y in zip(xs, factors, strict=True):
             x.mul_(y)
 
-    def div(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
-        return [x.div(y) for x, y in zip(xs, ys, strict=True)]
-
     def div_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
         for x, y in zip(xs, ys, strict=True):
             x.div_(y)
@@ -66,8 +63,31 @@ class TensorListOps:
         for x, y, z in zip(xs, ys, zs, strict=True):
             x.addcmul_(y, z, value=value)
 
+    def add_scalars_(self, xs: Sequence[Tensor], scalars: Sequence[float]) -> None:
+        """``x += s``, one scalar per tensor."""
+        for x, scalar in zip(xs, scalars, strict=True):
+            x.add_(scalar)
+
+    def add_scaled_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alphas: Sequence[float]) -> None:
+        """``x += a y``, one factor ``a`` per tensor."""
+        for x, y, alpha in zip(xs, ys, alphas, strict=True):
+            x.add_(y, alpha=alpha)
+
+    def sqrt(self, xs: Sequence[Tensor]) -> TensorList:
+        return [x.sqrt() for x in xs]
+
+    def divide_into_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        """``y <- x / y`` in place: the quotient in the divisor's storage, one pass and no new tensor."""
+        for x, y in zip(xs, ys, strict=True):
+            torch.div(x, y, out=y)
+
+    def addcdiv_into_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], zs: Sequence[Tensor], values: Sequence[float]) -> None:
+        """``z <- x + a y / z`` in place, one factor ``a`` per tensor: one pass and no new tensor."""
+        for x, y, z, value in zip(xs, ys, zs, values, strict=True):
+            torch.addcdiv(x, y, z, value=value, out=z)
+
     def adam_denominators(
-        self, second_moments: Sequence[Tensor], inverse_sqrt_bias_corrections: Sequence[Tensor], eps: float
+        self, second_moments: Sequence[Tensor], inverse_sqrt_bias_corrections: Sequence[float], eps: float
     ) -> TensorList:
         """Adam's denominators ``sqrt(v) / sqrt(bias_correction2) + eps``, as new tensors."""
         return [
@@ -112,9 +132,6 @@ class ForeachTensorListOps(TensorListOps):
         if xs:
             torch._foreach_mul_(list(xs), list(ys) if isinstance(ys, Sequence) else ys)
 
-    def div(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
-        return list(torch._foreach_div(list(xs), list(ys))) if xs else []
-
     def div_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
         if xs:
             torch._foreach_div_(list(xs), list(ys))
@@ -133,8 +150,46 @@ class ForeachTensorListOps(TensorListOps):
         if xs:
             torch._foreach_addcmul_(list(xs), list(ys), list(zs), value=value)
 
+    def add_scalars_(self, xs: Sequence[Tensor], scalars: Sequence[float]) -> None:
+        if xs:
+            torch._foreach_add_(list(xs), list(scalars))
+
+    def add_scaled_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alphas: Sequence[float]) -> None:
+        """One ``_foreach_add_`` per distinct factor (usually one: the layers of a group share their step)."""
+        by_alpha: dict[float, list[int]] = {}
+        for i, alpha in enumerate(alphas):
+            by_alpha.setdefault(alpha, []).append(i)
+        for alpha, indices in by_alpha.items():
+            torch._foreach_add_([xs[i] for i in indices], [ys[i] for i in indices], alpha=alpha)
+
+    def sqrt(self, xs: Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_sqrt(list(xs))) if xs else []
+
+    def divide_into_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        """torch has no foreach kernel writing ``x / y`` into ``y``. On CPU, where a ``_foreach_*`` op is a loop
+        over the tensors anyway, ``div(out=y)`` per tensor is one pass; elsewhere two foreach kernels
+        (``1 / y``, then ``* x``) keep the launches per list at two."""
+        if not xs:
+            return
+        if _on_cpu(ys):
+            super().divide_into_(xs, ys)
+        else:
+            torch._foreach_reciprocal_(list(ys))
+            torch._foreach_mul_(list(ys), list(xs))
+
+    def addcdiv_into_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], zs: Sequence[Tensor], values: Sequence[float]) -> None:
+        """As ``divide_into_``: ``addcdiv(out=z)`` per tensor on CPU, four foreach kernels elsewhere."""
+        if not xs:
+            return
+        if _on_cpu(zs):
+            super().addcdiv_into_(xs, ys, zs, values)
+        else:
+            self.divide_into_(ys, zs)
+            torch._foreach_mul_(list(zs), list(values))
+            torch._foreach_add_(list(zs), list(xs))
+
     def adam_denominators(
-        self, second_moments: Sequence[Tensor], inverse_sqrt_bias_corrections: Sequence[Tensor], eps: float
+        self, second_moments: Sequence[Tensor], inverse_sqrt_bias_corrections: Sequence[float], eps: float
     ) -> TensorList:
         if not second_moments:
             return []
@@ -142,6 +197,11 @@ class ForeachTensorListOps(TensorListOps):
         torch._foreach_mul_(denominators, list(inverse_sqrt_bias_corrections))
         torch._foreach_add_(denominators, eps)
         return list(denominators)
+
+
+def _on_cpu(tensors: Sequence[Tensor]) -> bool:
+    """Whether every tensor is on the CPU, where a ``_foreach_*`` op is a Python-free loop over the tensors anyway."""
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 SINGLE_TENSOR_OPS = TensorListOps()

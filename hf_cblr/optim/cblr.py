@@ -186,7 +186,9 @@ class CBLR(Optimizer):
             betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
         )
-        self._last_layer_stats: dict[str, dict[str, Tensor]] = {}
+        # Per layer name: the last step's per-layer vectors of its batch and the layer's index in them
+        # (read into floats only by layer_stats()).
+        self._last_layer_stats: dict[str, tuple[dict[str, Tensor], int]] = {}
         # Under DeepSpeed ZeRO the groups hold flat partitions: this keeps the layers behind them.
         self._partitioned = PartitionedLayers()
         super().__init__(params, defaults)
@@ -281,11 +283,10 @@ class CBLR(Optimizer):
 
     @staticmethod
     def _advance_step_counters(batches: list[LayerBatch]) -> int:
-        """Increment every layer's step; the optimizer's step is its first layer's."""
-        for batch in batches:
-            for state in batch.states:
-                state["step"] += 1
-        return int(batches[0].states[0]["step"].item())
+        """Increment every layer's step (one foreach kernel); the optimizer's step is its first layer's."""
+        steps = [state["step"] for batch in batches for state in batch.states]
+        torch._foreach_add_(steps, 1.0)
+        return int(steps[0].item())
 
     def _sgd_direction(self, batch: LayerBatch) -> None:
         """``d = g + beta w`` (new tensors only where ``beta != 0``)."""
@@ -293,29 +294,57 @@ class CBLR(Optimizer):
         batch.direction = _plus_decay(batch, list(batch.grads))
 
     def _adam_direction(self, batch: LayerBatch) -> None:
-        """Update Adam's moments; ``u = m_hat / (sqrt(v_hat) + eps) + beta w``."""
+        r"""Update Adam's moments and form ``u = m_hat / (sqrt(v_hat) + eps) + beta w`` in one new tensor per layer.
+
+        With the bias corrections :math:`b_1 = 1 - \beta_1^t`, :math:`b_2 = 1 - \beta_2^t` of the layer's step,
+        :math:`s = \sqrt{b_2} / b_1` and :math:`q = m / (\sqrt v + \epsilon \sqrt{b_2})`,
+
+        .. math::  u = s\, q + \beta w = \beta\, \Big(w + \frac{s}{\beta}\, q\Big)
+
+        so the bias corrections are per-layer scalars and cost no pass over the layer: ``batch.direction``
+        holds :math:`q`, or on decayed layers :math:`w + (s / \beta) q` (one fused pass), and
+        ``batch.direction_scales`` the factor (:math:`s`, or :math:`\beta`) that the update folds into the
+        layer rate. ``sqrt(v)`` is the one allocation, then overwritten in place. The secant estimator also
+        needs the preconditioner's gain :math:`|P \hat m| / |\hat m| = \sqrt{b_2}\, |q| / |m|`: there ``q`` is
+        formed first, its norm taken in one ``ops.norms`` call with ``|g|`` and ``|m|``, and ``(\beta / s) w``
+        added after.
+        """
         beta1, beta2 = batch.group["betas"]
-        ops = batch.ops
-        batch.grad_norms = ops.norms(batch.grads)
+        beta = batch.group["weight_decay"]
+        ops, grads, weights = batch.ops, batch.grads, batch.weights
         exp_avgs = [state["exp_avg"] for state in batch.states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in batch.states]
-        steps = torch.stack([state["step"] for state in batch.states])
-        ops.lerp_(exp_avgs, batch.grads, 1 - beta1)
+        steps = torch.stack([state["step"] for state in batch.states]).tolist()
+        bias_corrections1 = [_bias_correction(beta1, step) for step in steps]
+        sqrt_bias_corrections2 = [math.sqrt(_bias_correction(beta2, step)) for step in steps]
+        scales = [c2 / c1 for c1, c2 in zip(bias_corrections1, sqrt_bias_corrections2, strict=True)]
+        decay = batch.decay.tolist()
+        decayed = [i for i, value in enumerate(decay) if value != 0]
+        ops.lerp_(exp_avgs, grads, 1 - beta1)
         ops.mul_(exp_avg_sqs, beta2)
-        ops.addcmul_(exp_avg_sqs, batch.grads, batch.grads, value=1 - beta2)
-        bias_correction1 = _bias_correction(beta1, steps).to(batch.decay.device)
-        inverse_sqrt_bias_correction2 = _bias_correction(beta2, steps).rsqrt().to(batch.decay.device)
-        batch.adam_denominators = ops.adam_denominators(
-            exp_avg_sqs, list(inverse_sqrt_bias_correction2.unbind()), batch.group["eps"]
-        )
-        direction = ops.div(exp_avgs, batch.adam_denominators)
-        ops.mul_(direction, list((1 / bias_correction1).unbind()))
+        ops.addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        direction = ops.sqrt(exp_avg_sqs)
+        ops.add_scalars_(direction, [batch.group["eps"] * c2 for c2 in sqrt_bias_corrections2])
         if self.curvature == "secant":
-            # |P m_hat| / |m_hat|: the bias correction cancels, |P m| / |m| with P m = direction * bc1.
-            momentum_norms = ops.norms(exp_avgs)
-            gains = ops.norms(direction) * bias_correction1.to(momentum_norms.device) / momentum_norms
+            ops.divide_into_(exp_avgs, direction)
+            grad_norms, momentum_norms, q_norms = ops.norms(grads + exp_avgs + direction).split(len(batch))
+            gains = torch.tensor(sqrt_bias_corrections2, device=momentum_norms.device) * q_norms / momentum_norms
             batch.preconditioner_gains = torch.where(momentum_norms > 0, gains, torch.zeros_like(gains))
-        batch.direction = _plus_decay(batch, direction, in_place=True)
+            ops.add_scaled_([direction[i] for i in decayed], [weights[i] for i in decayed], [beta / scales[i] for i in decayed])
+        else:
+            grad_norms = ops.norms(grads)
+            plain = [i for i, value in enumerate(decay) if value == 0]
+            ops.divide_into_([exp_avgs[i] for i in plain], [direction[i] for i in plain])
+            ops.addcdiv_into_([weights[i] for i in decayed], [exp_avgs[i] for i in decayed], [direction[i] for i in decayed],
+                              [scales[i] / beta for i in decayed])
+            for i in decayed:
+                scales[i] = beta
+        batch.grad_norms = grad_norms
+        batch.second_moments = exp_avg_sqs
+        batch.inverse_sqrt_bias_corrections2 = [1 / c2 for c2 in sqrt_bias_corrections2]
+        batch.direction = direction
+        batch.direction_scales = torch.tensor(scales, device=batch.decay.device)
+        batch.direction_norms = ops.norms(direction) * batch.direction_scales.to(grad_norms.device)
 
     def _smooth_curvature(self, batch: LayerBatch, estimate: Tensor) -> None:
         """EMA of valid estimates; the first valid estimate is taken as is; invalid ones keep the old value."""
@@ -345,23 +374,20 @@ class CBLR(Optimizer):
     def _apply_update(self, batch: LayerBatch, rates: Tensor) -> None:
         group, ops = batch.group, batch.ops
         lr = group["lr"]
-        rate_list = list(rates.unbind())
         if self.base == "adam":
-            update_norms = lr * rates * ops.norms(batch.direction)
-            ops.addcmul_(batch.weights, batch.direction, rate_list, value=-lr)
+            update_norms = lr * rates * batch.direction_norms
+            ops.addcmul_(batch.weights, batch.direction, list((rates * batch.direction_scales).unbind()), value=-lr)
         else:
-            steps = self._sgd_momentum(batch, rate_list)
+            steps = self._sgd_momentum(batch, list(rates.unbind()))
             update_norms = lr * ops.norms(steps)
             ops.add_(batch.weights, steps, alpha=-lr)
         low_precision = [i for i, p in enumerate(batch.params) if p.dtype != torch.float32]
         ops.copy_([batch.params[i] for i in low_precision], [batch.weights[i] for i in low_precision])
         ops.copy_([state["update_norm"] for state in batch.states], list(update_norms.unbind()))
-        curvatures = torch.stack([state["curvature"] for state in batch.states])
+        stats = {"curvature": torch.stack([state["curvature"] for state in batch.states]), "rate": rates,
+                 "update_norm": update_norms, "grad_norm": batch.grad_norms}
         for i, name in enumerate(batch.names):
-            self._last_layer_stats[name] = {
-                "curvature": curvatures[i], "rate": rates[i],
-                "update_norm": update_norms[i], "grad_norm": batch.grad_norms[i],
-            }
+            self._last_layer_stats[name] = (stats, i)
 
     def _sgd_momentum(self, batch: LayerBatch, rate_list: list[Tensor]) -> TensorList:
         """The step ``b`` (or Nesterov's ``r d + mu b``) after ``b <- mu b + (1 - dampening) r d``."""
@@ -390,8 +416,13 @@ class CBLR(Optimizer):
     def layer_stats(self) -> dict[str, dict[str, float]]:
         """Per layer name, from the last step: ``curvature`` (smoothed; 0 before the first estimate),
         ``rate`` :math:`r_l`, ``update_norm`` :math:`|\\Delta w|` and ``grad_norm`` :math:`|g|`."""
-        return {name: {key: float(value) for key, value in stats.items()}
-                for name, stats in self._last_layer_stats.items()}
+        as_floats: dict[int, dict[str, list[float]]] = {}  # the step's vectors, read once per batch
+        result = {}
+        for name, (stats, index) in self._last_layer_stats.items():
+            if id(stats) not in as_floats:
+                as_floats[id(stats)] = {key: vector.tolist() for key, vector in stats.items()}
+            result[name] = {key: values[index] for key, values in as_floats[id(stats)].items()}
+        return result
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         previous = list(self.param_groups)
@@ -412,27 +443,24 @@ def _in_mask(mask: bool | None, ndim: int) -> bool:
     return ndim > 1 if mask is None else mask
 
 
-def _bias_correction(beta: float, steps: Tensor) -> Tensor:
-    """Adam's ``1 - beta^t`` as ``-expm1(t log beta)``: in fp32, ``1 - beta^t`` loses digits for ``beta`` near 1
-    (a relative error of 2e-5 at ``beta = 0.999``, 2e-4 at ``0.9999``); this form keeps about 1e-7."""
+def _bias_correction(beta: float, step: float) -> float:
+    """Adam's ``1 - beta^t`` as ``-expm1(t log beta)``, which keeps full precision for ``beta`` near 1, where
+    ``1 - beta^t`` cancels digits."""
     if beta == 0:
-        return torch.ones_like(steps)
-    return -torch.expm1(steps * math.log(beta))
+        return 1.0
+    return -math.expm1(step * math.log(beta))
 
 
-def _plus_decay(batch: LayerBatch, direction: TensorList, in_place: bool = False) -> TensorList:
-    """Add ``beta w`` to the decayed layers of ``direction`` (in place, or as new tensors)."""
+def _plus_decay(batch: LayerBatch, direction: TensorList) -> TensorList:
+    """``direction`` with ``beta w`` added to its decayed layers (as new tensors)."""
     beta = batch.group["weight_decay"]
     decayed = [i for i, value in enumerate(batch.decay.tolist()) if value != 0]
     if beta == 0 or not decayed:
         return direction
     targets = [direction[i] for i in decayed]
     weights = [batch.weights[i] for i in decayed]
-    if in_place:
-        batch.ops.add_(targets, weights, alpha=beta)
-    else:
-        for i, new in zip(decayed, batch.ops.add(targets, weights, alpha=beta), strict=True):
-            direction[i] = new
+    for i, new in zip(decayed, batch.ops.add(targets, weights, alpha=beta), strict=True):
+        direction[i] = new
     return direction
 
 

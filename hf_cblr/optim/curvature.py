@@ -41,12 +41,18 @@ AGGREGATES = ("mean", "median")
 
 @dataclass
 class LayerBatch:
-    """The layers of one param group that have a gradient this step, in fp32.
+    r"""The layers of one param group that have a gradient this step, in fp32.
 
     ``direction`` is the base optimizer's direction before the layer rate: ``g + beta w`` for the
-    SGD base, ``u = m_hat / (sqrt(v_hat) + eps) + beta w`` for the Adam base, whose
-    ``adam_denominators`` are ``sqrt(v_hat) + eps``. Under DeepSpeed ZeRO ``params`` are 1-D
-    fragments of the layers, described by ``fragments`` (None: whole layers).
+    SGD base; for the Adam base ``u = m_hat / (sqrt(v_hat) + eps) + beta w`` up to a factor per layer,
+    :math:`u_l = k_l\, d_l` with ``direction`` holding :math:`d_l` and ``direction_scales`` the :math:`k_l`
+    (so the bias corrections and the weight decay's factor cost no pass over the layer; see
+    ``CBLR._adam_direction``). ``direction_norms`` are the norms :math:`|u_l|`, computed once (through
+    ``ops``, so reduced over ranks under ZeRO) for every user.
+    The Adam preconditioner :math:`P = 1 / (\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon)` is kept as
+    its parts, ``second_moments`` :math:`v` and ``inverse_sqrt_bias_corrections2``, and formed where used.
+    Under DeepSpeed ZeRO ``params`` are 1-D fragments of the layers, described by ``fragments``
+    (None: whole layers).
     """
 
     group: dict[str, Any]
@@ -60,7 +66,14 @@ class LayerBatch:
     adapt: Tensor
     ops: TensorListOps
     direction: TensorList = field(default_factory=list)
-    adam_denominators: TensorList | None = None
+    #: Adam base: :math:`k_l` with :math:`u_l = k_l` ``direction[l]``; None for the SGD base (all 1).
+    direction_scales: Tensor | None = None
+    #: Adam base: :math:`|u_l|`.
+    direction_norms: Tensor = field(default_factory=lambda: torch.empty(0))
+    #: Adam base: ``v`` (None for the SGD base, whose preconditioner is the identity).
+    second_moments: TensorList | None = None
+    #: Adam base: :math:`1 / \sqrt{1 - \beta_2^{t_l}}` per layer.
+    inverse_sqrt_bias_corrections2: list[float] = field(default_factory=list)
     grad_norms: Tensor = field(default_factory=lambda: torch.empty(0))
     #: Adam base: ``|P m_hat| / |m_hat|`` per layer, the preconditioner's gain along the momentum.
     preconditioner_gains: Tensor = field(default_factory=lambda: torch.empty(0))
@@ -75,15 +88,17 @@ class LayerBatch:
 
     def precondition_(self, tensors: TensorList) -> None:
         """Apply Adam's preconditioner ``P`` in place (the identity for the SGD base)."""
-        if self.adam_denominators is not None:
-            self.ops.div_(tensors, self.adam_denominators)
+        if self.second_moments is not None:
+            self.ops.div_(tensors, self.ops.adam_denominators(
+                self.second_moments, self.inverse_sqrt_bias_corrections2, self.group["eps"]))
 
     def preconditioner_at(self, index: int, positions: Tensor | None) -> Tensor | float:
         """``P`` of layer ``index`` at the flat ``positions`` (all elements when None)."""
-        if self.adam_denominators is None:
+        if self.second_moments is None:
             return 1.0
-        denominator = self.adam_denominators[index].reshape(-1)
-        return 1.0 / (denominator if positions is None else denominator[positions])
+        second_moment = self.second_moments[index].reshape(-1)
+        second_moment = second_moment if positions is None else second_moment[positions]
+        return 1.0 / (second_moment.sqrt() * self.inverse_sqrt_bias_corrections2[index] + self.group["eps"])
 
 
 class CurvatureEstimator:
@@ -165,10 +180,8 @@ class WeightNormCurvature(CurvatureEstimator):
         estimates = []
         for batch in batches:
             weight_norms = batch.ops.norms(batch.weights)
-            if batch.adam_denominators is None:
-                numerators = batch.grad_norms + batch.decay * weight_norms
-            else:
-                numerators = batch.ops.norms(batch.direction)
+            adam = batch.second_moments is not None
+            numerators = batch.direction_norms if adam else batch.grad_norms + batch.decay * weight_norms
             estimates.append(_nan_where(numerators / weight_norms, weight_norms == 0))
         return estimates
 
@@ -197,7 +210,7 @@ class SecantCurvature(CurvatureEstimator):
                 batch.ops.sub_(previous, grads)  # in place: no new allocation; sign is irrelevant to the norm
                 grad_change_norms = batch.ops.norms(previous)
                 step_norms = torch.stack([batch.states[i]["update_norm"] for i in has_previous])
-                gains = batch.preconditioner_gains[has_previous] if batch.adam_denominators is not None else 1.0
+                gains = batch.preconditioner_gains[has_previous] if batch.second_moments is not None else 1.0
                 secants = gains * grad_change_norms / step_norms + batch.decay[has_previous]
                 estimate[has_previous] = _nan_where(secants, step_norms == 0)
                 batch.ops.copy_(previous, grads)
@@ -224,7 +237,10 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
     """Per-element secants ``|P_i dg_i| / |dw_i|``, aggregated over the layer's element sample.
 
     Keeps the previous gradient and weight at the sampled positions only (``sample_size`` values
-    each); elements whose ``|dw_i|`` is negligible are ignored. On ZeRO fragments the sample is the
+    each); elements whose ``|dw_i|`` is negligible are ignored. Layers of similar sample length are
+    computed together: their samples are padded with NaN into one ``[layers, length]`` matrix (lengths
+    within a factor 2, so padding at most doubles it), and NaN (padding, or an element that did not
+    move) is left out of the row's mean or median. On ZeRO fragments the sample is the
     one of the whole layer, and the estimates are those of one process (:meth:`_estimate_on_fragments`).
     """
 
@@ -241,17 +257,18 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
                 for batch in batches]
 
     def _estimate(self, batch: LayerBatch) -> Tensor:
+        """One process, whole layers: the layers of similar sample length as one padded matrix."""
+        positions = [self._sample_positions(batch, i) for i in range(len(batch))]
+        grads = _samples(batch.grads, positions)
+        weights = _samples(batch.weights, positions)
         estimate = batch.no_estimates()
-        for i, state in enumerate(batch.states):
-            positions = self._sample_positions(batch, i)
-            grad = batch.grads[i].reshape(-1)
-            weight = batch.weights[i].reshape(-1)
-            grad = grad.clone() if positions is None else grad[positions]
-            weight = weight.clone() if positions is None else weight[positions]
-            if "sample_prev_grad" in state:
-                grad_change = (grad - state["sample_prev_grad"]).abs_() * batch.preconditioner_at(i, positions)
-                weight_change = (weight - state["sample_prev_weight"]).abs_()
-                estimate[i] = self._secant(grad_change, weight_change) + batch.decay[i]
+        known = [i for i, state in enumerate(batch.states) if "sample_prev_grad" in state]
+        for rows in _similar_lengths(known, [grads[i].numel() for i in known]):
+            curvatures = self._curvatures(batch, rows, [positions[i] for i in rows], [grads[i] for i in rows],
+                                          [weights[i] for i in rows])
+            aggregated = curvatures.nanmedian(dim=1).values if self.aggregate == "median" else curvatures.nanmean(dim=1)
+            estimate[rows] = aggregated + batch.decay[rows]
+        for state, grad, weight in zip(batch.states, grads, weights, strict=True):
             state["sample_prev_grad"] = grad
             state["sample_prev_weight"] = weight
         return estimate
@@ -314,6 +331,39 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
             self._fragment_samples[key] = FragmentSample(
                 slots.to(device), (positions[slots] - fragment.layer_start).to(device), positions.numel())
         return self._fragment_samples[key]
+
+    @staticmethod
+    def _curvatures(batch: LayerBatch, rows: list[int], positions: list[Tensor | None], grads: TensorList,
+                    weights: TensorList) -> Tensor:
+        """``[len(rows), length]`` per-element secants ``P_i |dg_i| / |dw_i|`` of the layers ``rows``, NaN where none."""
+        grad_change = (_padded(grads) - _padded([batch.states[i]["sample_prev_grad"] for i in rows])).abs_()
+        if batch.second_moments is not None:
+            denominators = _padded(_samples([batch.second_moments[i] for i in rows], positions)).sqrt_()
+            scales = torch.tensor([batch.inverse_sqrt_bias_corrections2[i] for i in rows], device=denominators.device)
+            grad_change /= denominators.mul_(scales[:, None]).add_(batch.group["eps"])
+        steps = (_padded(weights) - _padded([batch.states[i]["sample_prev_weight"] for i in rows])).abs_()
+        moved = steps > NEGLIGIBLE_STEP_FRACTION * steps.nanmean(dim=1, keepdim=True)
+        return torch.where(moved, grad_change / steps, math.nan)
+
+
+def _similar_lengths(indices: list[int], lengths: list[int]) -> list[list[int]]:
+    """``indices`` grouped by length, within a factor 2: by ``ceil(log2(length))``."""
+    groups: dict[int, list[int]] = {}
+    for index, length in zip(indices, lengths, strict=True):
+        groups.setdefault((length - 1).bit_length(), []).append(index)
+    return list(groups.values())
+
+
+def _samples(tensors: TensorList, positions: list[Tensor | None]) -> TensorList:
+    """Each tensor's values at its flat ``positions``, as new 1-D tensors (a copy of all values where None)."""
+    return [t.reshape(-1).clone() if p is None else t.reshape(-1)[p] for t, p in zip(tensors, positions, strict=True)]
+
+
+def _padded(samples: TensorList) -> Tensor:
+    """The 1-D ``samples`` as the rows of one matrix, padded with NaN to the longest (at least one column:
+    the row of a layer without elements is NaN, no estimate)."""
+    padded = torch.nn.utils.rnn.pad_sequence(samples, batch_first=True, padding_value=math.nan)
+    return padded if padded.shape[1] else padded.new_full((len(samples), 1), math.nan)
 
 
 def _all_layers(batches: list[LayerBatch]) -> tuple[list[Tensor], list[tuple[int, int]]]:
