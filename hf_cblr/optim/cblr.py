@@ -100,6 +100,8 @@ class CBLR(Optimizer):
         trust: :math:`\tau`, the numerator of the layer rate :math:`r_l = \tau / c_l`.
         curvature: estimator name, one of :data:`~hf_cblr.optim.curvature.CURVATURE_ESTIMATORS`:
             ``secant`` (default), ``secant_elementwise``, ``weight_norm``, ``hvp``, ``fd``, ``hutchinson``.
+            On the Adam base, fine-tuning a transformer, the stochastic ``secant`` collapsed the rates
+            at every trust tried and ``fd`` matched AdamW (``docs/benchmarks.md``, "Defaults").
         aggregate: ``mean`` or ``median`` of per-element curvatures (element-wise estimators).
         curvature_ema: :math:`\alpha`, the EMA factor smoothing the estimates (0: no smoothing).
         curvature_eps: :math:`\epsilon_c`, added to the curvature in the rate's denominator.
