@@ -73,13 +73,17 @@ def optimizer_factories() -> dict[str, Callable[[nn.Module], Optimizer]]:
 
 
 def state_bytes(optimizer: Optimizer) -> int:
-    """Bytes of every tensor held in ``optimizer.state``."""
-    return sum(
-        value.nbytes
-        for state in optimizer.state.values()
-        for value in state.values()
-        if isinstance(value, Tensor)
-    )
+    """Bytes of every tensor held in ``optimizer.state``, nested ones included (under DeepSpeed ZeRO the
+    per-layer scalars are vectors in a dict of the partition's state)."""
+    return _tensor_bytes(list(optimizer.state.values()))
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        value = list(value.values())
+    return sum(_tensor_bytes(item) for item in value) if isinstance(value, (list, tuple)) else 0
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from state_memory import WEIGHT_DECAY, bert, torch_groups
+from state_memory import WEIGHT_DECAY, bert, state_bytes, torch_groups
 
 import hf_cblr
 
@@ -42,17 +42,6 @@ OPTIMIZERS: dict[str, Any] = {
     "mclr": lambda model: hf_cblr.create_optimizer(model, "mclr", lr=0.1, weight_decay=WEIGHT_DECAY),
 }
 BATCH_PER_RANK, SEQUENCE_LENGTH = 4, 32
-
-
-def state_bytes(value: Any) -> int:
-    """Bytes of the tensors in an optimizer state (nested dicts and lists included)."""
-    if isinstance(value, Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(state_bytes(item) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(state_bytes(item) for item in value)
-    return 0
 
 
 def per_rank_state_bytes(name: str, stage: int, scale: float) -> tuple[list[int], int]:
@@ -79,7 +68,7 @@ def per_rank_state_bytes(name: str, stage: int, scale: float) -> tuple[list[int]
         engine.backward(engine(input_ids=tokens, labels=labels).loss)
         engine.step()
     counts = [torch.zeros((), dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor(state_bytes(dict(engine.basic_optimizer.state))))
+    dist.all_gather(counts, torch.tensor(state_bytes(engine.basic_optimizer)))
     engine.destroy()
     return [int(count) for count in counts], num_parameters
 
