@@ -48,6 +48,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "cblr-weight_norm": ("cblr", {"lr": 0.1, "trust": 0.05, "curvature": "weight_norm", "nesterov": True}),
     "cblr_adam-secant": ("cblr_adam", {"lr": 1e-2, "trust": 0.1, "curvature": "secant", "weight_decay": 1e-2}),
     "lamb": ("lamb", {"lr": 1e-2, "weight_decay": 1e-2}),
+    "cblr-secant_elementwise": ("cblr", {"lr": 0.1, "trust": 0.1, "curvature": "secant_elementwise", "aggregate": "mean",
+                                         "sample_size": 64, "weight_decay": 1e-2}),
     "mclr-sampled": ("mclr", {"lr": 0.1, "sample_size": 64, "weight_decay": 1e-2}),
     "mclr_adam-sampled": ("mclr_adam", {"lr": 1e-2, "sample_size": 64, "weight_decay": 1e-2}),
     "mclr": ("mclr", {"lr": 0.1, "weight_decay": 1e-2}),
