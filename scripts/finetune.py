@@ -11,7 +11,8 @@ argument or with ``--recipe`` sets defaults; command-line arguments override it.
     python scripts/finetune.py          # offline: packaged all-MiniLM-L6-v2, embedded dataset, mclr_adam
     python scripts/finetune.py configs/recipes/lamb.yaml --num_train_epochs 2
     python scripts/finetune.py --recipe configs/recipes/mclr_adam.yaml --dataset_name glue --dataset_config_name sst2
-    python scripts/finetune.py --train_file train.tsv --validation_file dev.tsv --optim cblr_adam
+    python scripts/finetune.py configs/recipes/cblr_adam.yaml --train_file train.tsv --validation_file dev.tsv
+    python scripts/finetune.py --optim lamb --learning_rate 1e-3 --optim_args ''  # the default recipe's schedules
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml scripts/finetune.py
     torchrun --nproc_per_node 2 scripts/finetune.py --per_device_train_batch_size 8
 
@@ -154,8 +155,11 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pro
         index = argv.index("--recipe")
         recipe_path, argv = argv[index + 1], argv[:index] + argv[index + 2:]
     parser = HfArgumentParser((ModelArguments, DataArguments, ProbeArguments, CBLRTrainingArguments))
-    parser.set_defaults(**{**SCRIPT_DEFAULTS, **load_recipe(recipe_path or str(DEFAULT_RECIPE), parser)})
+    recipe_path = recipe_path or str(DEFAULT_RECIPE)
+    recipe = load_recipe(recipe_path, parser)
+    parser.set_defaults(**{**SCRIPT_DEFAULTS, **recipe})
     namespace = parser.parse_args(argv)
+    check_recipe_matches_optimizer(recipe_path, recipe, namespace.optim, argv)
     if namespace.output_dir is None:
         namespace.output_dir = str(Path("outputs") / default_run_name(namespace))
     return tuple(  # type: ignore[return-value]
@@ -174,6 +178,21 @@ def load_recipe(path: str, parser: HfArgumentParser) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"recipe {path} sets unknown argument(s) {unknown}")
     return recipe
+
+
+def check_recipe_matches_optimizer(path: str, recipe: dict[str, Any], optim: str, argv: list[str]) -> None:
+    """A recipe's ``optim_args`` and ``learning_rate`` are tuned for its own ``optim``: with another ``--optim``
+    they must be given again on the command line, not carried over silently to the other optimizer."""
+    if recipe.get("optim") is None or str(recipe["optim"]) == str(optim):
+        return
+    given = {arg.split("=", 1)[0].removeprefix("--") for arg in argv if arg.startswith("--")}
+    carried = sorted(key for key in ("optim_args", "learning_rate") if key in recipe and key not in given)
+    if carried:
+        raise ValueError(
+            f"--optim {optim} replaces the recipe's optim {recipe['optim']!r} ({path}), whose {carried} were chosen for "
+            f"{recipe['optim']!r}: give {' and '.join('--' + key for key in carried)} for {optim}, or use its recipe "
+            f"(configs/recipes/<name>.yaml)"
+        )
 
 
 def default_run_name(namespace: Any) -> str:

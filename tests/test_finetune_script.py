@@ -122,6 +122,14 @@ def test_command_line_overrides_the_recipe(finetune: ModuleType) -> None:
     assert args.output_dir == str(Path("outputs") / "all-MiniLM-L6-v2-synthetic-sentiment-lamb")
 
 
+def test_another_optimizer_than_the_recipes_needs_its_own_arguments(finetune: ModuleType) -> None:
+    """The default recipe's optim_args (trust=1.0) and learning rate were chosen for mclr_adam: not carried over."""
+    with pytest.raises(ValueError, match=r"--optim cblr_adam replaces the recipe's optim 'mclr_adam'.*--optim_args"):
+        finetune.parse_arguments(["--optim", "cblr_adam", "--learning_rate", "3e-4"])
+    _, _, _, args = finetune.parse_arguments(["--optim", "cblr_adam", "--learning_rate", "3e-4", "--optim_args", "trust=300"])
+    assert args.optim == "cblr_adam" and args.optim_args == "trust=300" and args.learning_rate == 3e-4
+
+
 def test_recipe_with_an_unknown_argument_fails(finetune: ModuleType, tmp_path: Path) -> None:
     recipe = tmp_path / "bad.json"
     recipe.write_text(json.dumps({"optim": "cblr", "learning_rat": 0.1}))
