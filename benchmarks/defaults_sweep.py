@@ -7,7 +7,7 @@ same seed, data order and number of steps. Printed per run: validation accuracy 
 difference to AdamW at its learning rate in the same sweep. ``--json`` writes the rows.
 
     python benchmarks/defaults_sweep.py                                   # 13 runs, about 25 min on 2 CPU cores
-    python benchmarks/defaults_sweep.py --optimizers cblr_adam --trusts 0.03 0.1 0.3
+    python benchmarks/defaults_sweep.py --optimizers cblr_adam --trusts 30 100 300
     python benchmarks/defaults_sweep.py -- --train_file train.tsv --validation_file dev.tsv --max_train_samples 2000
 """
 
@@ -24,9 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The learning rate of each optimizer in the sweep: the base optimizer's, which the layers outside the
 #: adaptation mask (biases, norm layers: rate 1) train with. CBLR's adapted layers step ``lr * trust / c_l``
 #: times the base direction, so ``lr * trust`` is the fraction of each layer's Newton step taken: with the
-#: Adam base's ``lr = 1e-4`` that fraction needs ``trust`` in the hundreds (``--trusts 10 100 1000``).
+#: Adam base's ``lr = 1e-4`` that fraction needs ``trust`` in the hundreds (its grid in :data:`TRUSTS`).
 #: MCLR's rate is relative to the median layer, so its ``trust`` is dimensionless.
 LEARNING_RATES = {"adamw_torch": 1e-4, "cblr": 0.1, "mclr": 0.1, "cblr_adam": 1e-4, "mclr_adam": 1e-4}
+#: The trust grid of each optimizer (``--trusts`` replaces them all): lr * trust from 1e-3 to 0.1 for CBLR.
+TRUSTS = {"cblr": (0.01, 0.1, 1.0), "mclr": (0.01, 0.1, 1.0), "cblr_adam": (10.0, 100.0, 1000.0),
+          "mclr_adam": (0.01, 0.1, 1.0)}
 #: The recipe of every run (scripts/finetune.py's arguments): a fixed batch, no ramp, no dropping, no probes.
 SWEEP_RECIPE = {"per_device_train_batch_size": 32, "lr_scheduler_type": "linear", "warmup_steps": 0.1,
                 "weight_decay": 0.01, "eval_strategy": "no", "logging_steps": 1000, "probe_interval": 0}
@@ -52,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--optimizers", nargs="+", default=["cblr", "mclr", "cblr_adam", "mclr_adam"],
                         choices=[name for name in LEARNING_RATES if name != "adamw_torch"])
-    parser.add_argument("--trusts", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--trusts", type=float, nargs="+", help="the trusts of every optimizer (default: TRUSTS)")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "defaults_sweep")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
@@ -63,7 +66,7 @@ def main() -> None:
     rows = [{"optimizer": "adamw_torch", "trust": None, **run("adamw_torch", None, args.epochs, args.output, args.extra)}]
     print(f"{'optimizer':<12} {'lr':>7} {'trust':>6} {'accuracy':>9} {'loss':>8} {'- AdamW':>8}", flush=True)
     for optimizer in args.optimizers:
-        for trust in args.trusts:
+        for trust in args.trusts or TRUSTS[optimizer]:
             rows.append({"optimizer": optimizer, "trust": trust, **run(optimizer, trust, args.epochs, args.output, args.extra)})
             print(f"  ... {optimizer} trust={trust:g}: accuracy {rows[-1]['eval_accuracy']:.4f}", flush=True)
     reference = rows[0]["eval_accuracy"]

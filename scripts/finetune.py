@@ -153,7 +153,12 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pro
         recipe_path, argv = argv[0], argv[1:]
     elif "--recipe" in argv:
         index = argv.index("--recipe")
+        if index + 1 == len(argv):
+            raise ValueError(f"--recipe needs a path: a YAML or JSON file ({', '.join(RECIPE_SUFFIXES)})")
         recipe_path, argv = argv[index + 1], argv[:index] + argv[index + 2:]
+    elif any(arg.startswith("--recipe=") for arg in argv):
+        index = next(i for i, arg in enumerate(argv) if arg.startswith("--recipe="))
+        recipe_path, argv = argv[index].removeprefix("--recipe="), argv[:index] + argv[index + 1:]
     parser = HfArgumentParser((ModelArguments, DataArguments, ProbeArguments, CBLRTrainingArguments))
     recipe_path = recipe_path or str(DEFAULT_RECIPE)
     recipe = load_recipe(recipe_path, parser)
@@ -299,6 +304,20 @@ def load_model_and_tokenizer(model_args: ModelArguments, label_names: list[str]
     return model, tokenizer, None if is_local else source, source
 
 
+def init_deepspeed_comm_on_cpu(training_args: CBLRTrainingArguments) -> None:
+    """Under DeepSpeed on CPU processes, initialize DeepSpeed's communication before the model is built.
+
+    transformers builds a model under ZeRO-3's ``zero.Init``, whose config needs the world size from
+    DeepSpeed's communication; Accelerate initializes it only for accelerator backends (``accelerate/state.py``:
+    ``if not cpu``), so on CPU ranks ``zero.Init`` would see one process. It joins the existing process group.
+    """
+    if training_args.deepspeed and training_args.use_cpu and torch.distributed.is_initialized():
+        from deepspeed import comm
+
+        if not comm.is_initialized():
+            comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
 def scheduled_batch_size(trainer: CBLRTrainer) -> Callable[[TrainerState], int] | None:
     """The global batch of the step in progress under ``batch_size_schedule`` (None: the constant stock batch)."""
     schedule = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BatchScheduleCallback)), None)
@@ -346,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raw, dataset_label, dataset_hub_id, dataset_type = load_raw_datasets(data_args)
     text_column = text_column_of(raw, data_args)
     label_names = label_names_of(raw, data_args.label_column)
+    init_deepspeed_comm_on_cpu(training_args)
     model, tokenizer, base_model, base_model_source = load_model_and_tokenizer(model_args, label_names)
     eval_split = data_args.validation_split if data_args.validation_split in raw else None
     raw = DatasetDict({split: raw[split] for split in ("train", eval_split) if split})
@@ -377,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     optimizer_class = optimizer_class_name(trainer.optimizer)
-    train_metrics = {**train_result.metrics, "train_samples": len(train_dataset), "optimizer": str(training_args.optim),
+    train_metrics = {**train_result.metrics, "train_samples": len(train_dataset), "optimizer": trainer.optimizer_name,
                      "optimizer_class": optimizer_class}
     trainer.save_model()
     trainer.log_metrics("train", train_metrics)

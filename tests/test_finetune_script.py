@@ -130,6 +130,13 @@ def test_another_optimizer_than_the_recipes_needs_its_own_arguments(finetune: Mo
     assert args.optim == "cblr_adam" and args.optim_args == "trust=300" and args.learning_rate == 3e-4
 
 
+def test_recipe_flag_forms(finetune: ModuleType) -> None:
+    recipe = ROOT / "configs" / "recipes" / "lamb.yaml"
+    assert finetune.parse_arguments([f"--recipe={recipe}"])[3].optim == "lamb"
+    with pytest.raises(ValueError, match="--recipe needs a path"):
+        finetune.parse_arguments(["--recipe"])
+
+
 def test_recipe_with_an_unknown_argument_fails(finetune: ModuleType, tmp_path: Path) -> None:
     recipe = tmp_path / "bad.json"
     recipe.write_text(json.dumps({"optim": "cblr", "learning_rat": 0.1}))
@@ -246,3 +253,18 @@ def test_two_process_run(tmp_path: Path) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result, output_dir = run_script(launcher, tmp_path, ["--per_device_train_batch_size", "4"])
     check_run(result, output_dir, world_size=2, num_train=40)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_zero3_run(tmp_path: Path) -> None:
+    """DeepSpeed ZeRO-3 on 2 CPU ranks: the model built under zero.Init, our optimizer with its layer rates, the
+    probes and the card naming it (not DeepSpeed's wrapper)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    config = ROOT / "configs" / "deepspeed" / "zero3.json"
+    result, output_dir = run_script(launcher, tmp_path, ["--per_device_train_batch_size", "4", "--deepspeed", str(config)])
+    check_run(result, output_dir, world_size=2, num_train=40)
+    records = [json.loads(line) for line in (output_dir / "structure_probes.jsonl").read_text().splitlines()]
+    rates = {name: layer["rate"] for name, layer in records[-1]["layers"].items() if "rate" in layer}
+    assert rates["bert.encoder.layer.0.attention.self.query.weight"] != 1.0  # adapted: zero.Init kept its 2-D shape
+    assert rates["bert.encoder.layer.0.attention.self.query.bias"] == 1.0

@@ -291,6 +291,19 @@ def _group_layout(groups: list[dict[str, Any]]) -> list[tuple[list[str], float, 
     return [([name for name, _ in g["params"]], g["weight_decay"], g["weight_decay_mask"], g["adaptation_mask"]) for g in groups]
 
 
+def test_zero3_placeholder_parameters_keep_their_layers_masks() -> None:
+    """Under ZeRO-3's zero.Init every parameter is a ``[0]`` placeholder with the real shape in ``ds_shape``: the
+    masks follow the layer's dimensions, not the placeholder's (else no layer would get a rate)."""
+    model = _Net()
+    expected = _group_layout(param_groups(model, weight_decay=0.1))
+    for param in model.parameters():
+        param.ds_shape = param.shape
+        param.data = torch.empty(0)
+    assert _group_layout(param_groups(model, weight_decay=0.1)) == expected
+    optimizer = CBLR(param_groups(model, weight_decay=0.1), lr=0.1)
+    assert optimizer._partitioned.layers_of(optimizer.param_groups[0]) == [model.embed.weight, model.dense.weight]
+
+
 def test_param_groups_split_by_name_with_independent_masks() -> None:
     model = _Net()
     assert _group_layout(param_groups(model, weight_decay=0.1)) == [

@@ -69,6 +69,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from hf_cblr.integrations.transformers import find_optimizer
+
 logger = logging.getLogger(__name__)
 
 #: The file, in ``args.output_dir``, that receives one JSON record per probe step.
@@ -351,28 +353,22 @@ def _finite(values: Mapping[str, float | None]) -> dict[str, float | None]:
     return {key: value if value is None or math.isfinite(value) else None for key, value in values.items()}
 
 
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    """The innermost optimizer with ``layer_stats()`` behind Accelerate's / DeepSpeed's wrappers, or ``None``."""
-    while optimizer is not None and not hasattr(optimizer, "layer_stats"):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
-
-
 def _optimizer_layer_stats(optimizer: Optimizer | None, model: nn.Module) -> dict[str, dict[str, float]]:
     """Per layer ``curvature``, ``rate`` and ``lr = group lr * rate`` from one of this package's optimizers.
 
     The optimizer names its layers by the group's ``param_names`` or ``group{i}.{j}``; they are renamed
     to the model's parameter names where the parameter belongs to ``model``.
     """
-    inner = _unwrap_optimizer(optimizer)
+    inner = find_optimizer(optimizer)
     if inner is None:
         return {}
     stats = inner.layer_stats()
     model_names = {id(param): name for name, param in model.named_parameters()}
     layers = {}
     for i, group in enumerate(inner.param_groups):
-        keys = group.get("param_names") or [f"group{i}.{j}" for j in range(len(group["params"]))]
-        for key, param in zip(keys, group["params"], strict=True):
+        params = inner.layers_of(group)  # under DeepSpeed ZeRO the group holds a flat partition instead
+        keys = group.get("param_names") or [f"group{i}.{j}" for j in range(len(params))]
+        for key, param in zip(keys, params, strict=True):
             if key in stats:
                 layer = stats[key]
                 layers[model_names.get(id(param), key)] = {

@@ -18,7 +18,6 @@ from hf_cblr.hub.model_card import (
     model_card_info_from_trainer,
     optimizer_class_name,
     optimizer_hyperparameters,
-    unwrap_optimizer,
 )
 
 if TYPE_CHECKING:
@@ -35,7 +34,6 @@ __all__ = [
     "optimizer_class_name",
     "optimizer_hyperparameters",
     "push_to_hub_with_card",
-    "unwrap_optimizer",
 ]
 
 

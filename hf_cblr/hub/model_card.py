@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
-from torch.optim import Optimizer
 
+from hf_cblr.integrations.transformers import innermost_optimizer
 from hf_cblr.optim.cblr import CBLR
 
 if TYPE_CHECKING:
@@ -88,19 +88,11 @@ class ModelCardInfo:
 
 
 # -- reading a run -----------------------------------------------------------------------------
-def unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer that updates the weights, inside Accelerate's ``AcceleratedOptimizer`` and
-    DeepSpeed's ZeRO wrappers (each holds it as ``.optimizer``)."""
-    while isinstance(getattr(optimizer, "optimizer", None), Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 def optimizer_hyperparameters(optimizer: Any) -> dict[str, Any]:
     """The hyperparameters of the first param group (the weight-decayed one, in this package's and the
     Trainer's grouping) with the learning rate before any schedule, plus, for the CBLR family, the
     estimator's settings; entries that the optimizer's base direction does not use are left out."""
-    optimizer = unwrap_optimizer(optimizer)
+    optimizer = innermost_optimizer(optimizer)
     group = optimizer.param_groups[0]
     values = {key: value for key, value in group.items() if key not in _NOT_HYPERPARAMETERS}
     values["lr"] = group.get("initial_lr", group["lr"])
@@ -120,7 +112,7 @@ def optimizer_hyperparameters(optimizer: Any) -> dict[str, Any]:
 
 def optimizer_class_name(optimizer: Any) -> str:
     """``module.Class`` of the optimizer that updates the weights."""
-    cls = type(unwrap_optimizer(optimizer))
+    cls = type(innermost_optimizer(optimizer))
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -187,7 +179,7 @@ def model_card_info_from_trainer(trainer: Trainer, *, model_name: str, dataset_l
     return ModelCardInfo(
         model_name=model_name,
         dataset_label=dataset_label,
-        optimizer_name=_plain(args.optim),
+        optimizer_name=_plain(getattr(trainer, "optimizer_name", args.optim)),
         optimizer_class=optimizer_class_name(trainer.optimizer),
         optimizer_hyperparameters=optimizer_hyperparameters(trainer.optimizer),
         metrics=results,

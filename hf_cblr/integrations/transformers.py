@@ -155,7 +155,8 @@ def find_optimizer(obj: Any, cls: type[Optimizer] = CBLR) -> Optimizer | None:
     return None
 
 
-def _innermost_optimizer(obj: Any) -> Any:
+def innermost_optimizer(obj: Any) -> Any:
+    """The optimizer that computes the update inside ``obj`` (the end of its ``.optimizer`` links), whatever its class."""
     seen: set[int] = set()
     while getattr(obj, "optimizer", None) is not None and id(obj) not in seen:
         seen.add(id(obj))
@@ -168,7 +169,7 @@ def check_optimizer_in_use(obj: Any, cls: type[Optimizer] = CBLR) -> Optimizer:
     found = find_optimizer(obj, cls)
     if found is not None:
         return found
-    innermost = _innermost_optimizer(obj)
+    innermost = innermost_optimizer(obj)
     message = f"the optimizer in use is {type(innermost).__module__}.{type(innermost).__name__}, not {cls.__name__}"
     if "DeepSpeedCPU" in type(innermost).__name__:
         message += (": Accelerate replaced it under ZeRO-Offload; set \"zero_force_ds_cpu_optimizer\": false in the "

@@ -38,6 +38,7 @@ from hf_cblr.optim.curvature import (
     LayerBatch,
     create_curvature_estimator,
 )
+from hf_cblr.optim.param_groups import layer_ndim
 from hf_cblr.optim.partitioned import PartitionedLayers
 
 if TYPE_CHECKING:
@@ -200,7 +201,7 @@ class CBLR(Optimizer):
         validate_group(self.param_groups[-1])
         group = self.param_groups[-1]
         self._partitioned.record(group, len(self.param_groups) - 1,
-                                 [_in_mask(group["adaptation_mask"], param.ndim) for param in group["params"]])
+                                 [_in_mask(group["adaptation_mask"], layer_ndim(param)) for param in group["params"]])
 
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -246,7 +247,7 @@ class CBLR(Optimizer):
                 batches.append(self._layer_batch(
                     group, params, [p.grad for p in params], [self.state[p] for p in params],
                     names=[names[j] for j, _ in members], layer_ids=[first_layer_id + j for j, _ in members],
-                    ndims=[p.ndim for p in params], ops=select_ops(self.foreach, params),
+                    ndims=[layer_ndim(p) for p in params], ops=select_ops(self.foreach, params),
                 ))
             first_layer_id += len(group["params"])
         return batches
@@ -333,20 +334,21 @@ class CBLR(Optimizer):
             gains = torch.tensor(sqrt_bias_corrections2, device=momentum_norms.device) * q_norms / momentum_norms
             batch.preconditioner_gains = torch.where(momentum_norms > 0, gains, torch.zeros_like(gains))
             ops.add_scaled_([direction[i] for i in decayed], [weights[i] for i in decayed], [beta / scales[i] for i in decayed])
+            direction_norms = ops.norms(direction)
         else:
-            grad_norms = ops.norms(grads)
             plain = [i for i, value in enumerate(decay) if value == 0]
             ops.divide_into_([exp_avgs[i] for i in plain], [direction[i] for i in plain])
             ops.addcdiv_into_([weights[i] for i in decayed], [exp_avgs[i] for i in decayed], [direction[i] for i in decayed],
                               [scales[i] / beta for i in decayed])
             for i in decayed:
                 scales[i] = beta
+            grad_norms, direction_norms = ops.norms(grads + direction).split(len(batch))  # one reduction under ZeRO
         batch.grad_norms = grad_norms
         batch.second_moments = exp_avg_sqs
         batch.inverse_sqrt_bias_corrections2 = [1 / c2 for c2 in sqrt_bias_corrections2]
         batch.direction = direction
         batch.direction_scales = torch.tensor(scales, device=batch.decay.device)
-        batch.direction_norms = ops.norms(direction) * batch.direction_scales.to(grad_norms.device)
+        batch.direction_norms = direction_norms * batch.direction_scales.to(grad_norms.device)
 
     def _smooth_curvature(self, batch: LayerBatch, estimate: Tensor) -> None:
         """EMA of valid estimates; the first valid estimate is taken as is; invalid ones keep the old value."""
@@ -415,6 +417,11 @@ class CBLR(Optimizer):
         return scaled
 
     # -- diagnostics and checkpoints -----------------------------------------------------------
+    def layers_of(self, group: dict[str, Any]) -> list[Tensor]:
+        """The layers (parameters) of param group ``group``, in order, as they were given: under DeepSpeed ZeRO
+        ``group["params"]`` holds one flat partition instead, and ``layer_stats`` still names these layers."""
+        return self._partitioned.layers_of(group)
+
     def layer_stats(self) -> dict[str, dict[str, float]]:
         """Per layer name, from the last step: ``curvature`` (smoothed; 0 before the first estimate),
         ``rate`` :math:`r_l`, ``update_norm`` :math:`|\\Delta w|` and ``grad_norm`` :math:`|g|`."""

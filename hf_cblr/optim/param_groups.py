@@ -9,14 +9,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 #: Name fragments that mark a parameter as a bias or a normalization parameter.
 DEFAULT_EXCLUDED_NAMES: tuple[str, ...] = ("bias", "LayerNorm", "layernorm", "layer_norm", "norm.", "ln_")
 
 
+def layer_ndim(param: Tensor) -> int:
+    """Dimensions of the layer: of its ``ds_shape`` under DeepSpeed ZeRO-3, whose ``zero.Init`` (which
+    transformers uses to build a model under ZeRO-3) leaves every parameter a placeholder of shape ``[0]``."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def _excluded(name: str, param: nn.Parameter, patterns: Sequence[str]) -> bool:
-    return param.ndim <= 1 or any(pattern in name for pattern in patterns)
+    return layer_ndim(param) <= 1 or any(pattern in name for pattern in patterns)
 
 
 def param_groups(

@@ -38,7 +38,8 @@ the previous gradient and weight only at the positions in its fragment (a rank's
 ``2 sample_size`` values per layer). Each step, a rank writes the per-element ``P_i |dg_i|`` and
 ``|dw_i|`` of its positions into a zero vector of the batch's whole samples, and one ``all_reduce``
 (:meth:`~hf_cblr.optim._tensor_ops.TensorListOps.all_reduce_sum`) gives every rank the samples of
-one process: every position lies in exactly one fragment, so each sum is ``x + 0 = x``, exactly.
+one process: every position lies in exactly one fragment, so each sum is ``x + 0 = x``, exactly
+(the aggregation that follows equals one process's to float rounding).
 The median over layers that normalizes MCLR's rates must see all adapted layers in one ``step``:
 a step over only some of them (ZeRO-3 with several sub-groups holding adapted layers) is refused.
 
@@ -258,6 +259,10 @@ class PartitionedLayers:
         """``torch.optim.Optimizer.load_state_dict`` replaced the group dicts: the records follow by position."""
         self._records = {id(new): self._records[id(old)] for old, new in zip(previous, groups, strict=True)}
         self._partitions.clear()
+
+    def layers_of(self, group: dict[str, Any]) -> list[Tensor]:
+        """The layers of ``group`` as they were given to the optimizer (under ZeRO the group holds a partition)."""
+        return self._records[id(group)].params
 
     def partitions(self) -> list[Partition]:
         """The partitions stepped so far."""

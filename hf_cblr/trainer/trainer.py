@@ -166,6 +166,10 @@ class BatchScheduleCallback(TrainerCallback, ExportableState):
             control.should_save |= args.save_strategy == SaveStrategy.EPOCH
 
 
+#: Attribute of the training arguments that keeps the DeepSpeed config's hf_cblr "optimizer" section once popped.
+_POPPED_SECTION = "_hf_cblr_deepspeed_optimizer_section"
+
+
 class CBLRTrainer(Trainer):
     """``transformers.Trainer`` for :class:`CBLRTrainingArguments` (see the module docstring).
 
@@ -211,12 +215,22 @@ class CBLRTrainer(Trainer):
             raise ValueError("batch_size_lr_scaling rescales the Trainer's learning-rate schedule: remove the "
                              "\"scheduler\" section of the DeepSpeed config, or set batch_size_lr_scaling='none'")
 
+    @property
+    def optimizer_name(self) -> str:
+        """The name of the optimizer that trains: the DeepSpeed config section's hf_cblr optimizer, else ``args.optim``."""
+        return self._config_optimizer[0] if self._config_optimizer is not None else str(self.args.optim)
+
     def _pop_deepspeed_optimizer_section(self) -> tuple[str, dict[str, Any]] | None:
         """Our ``"optimizer"`` section of the DeepSpeed config, popped before ``deepspeed_init`` hands DeepSpeed a
-        ``DummyOptim`` for it: the registry name and the keyword arguments to build it with."""
+        ``DummyOptim`` for it: the registry name and the keyword arguments to build it with. The config dict is
+        the training arguments' own, so the popped section is kept on them for any later Trainer built on them."""
         spec = pop_optimizer_section(self.accelerator.state.deepspeed_plugin.deepspeed_config)
         if spec is None:
+            spec = getattr(self.args, _POPPED_SECTION, None)
+        if spec is None:
             return None
+        setattr(self.args, _POPPED_SECTION, spec)
+        spec = (spec[0], dict(spec[1]))
         name, params = spec
         if self._client_optimizer is not None or self.optimizer_cls_and_kwargs is not None:
             raise ValueError("the optimizer is given both in the DeepSpeed config (\"optimizer\" section) and to the Trainer "
