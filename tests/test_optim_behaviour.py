@@ -89,6 +89,23 @@ def _checkpoint_round_trip(optimizer: torch.optim.Optimizer, model: nn.Module) -
     return torch.load(buffer)
 
 
+@pytest.mark.parametrize(("saved", "loaded", "named"), [
+    ({"curvature": "secant"}, {"curvature": "weight_norm"}, "curvature"),
+    ({"base": "adam"}, {"base": "sgd"}, "base"),
+    ({"curvature": "secant_elementwise", "seed": 0}, {"curvature": "secant_elementwise", "seed": 1}, "seed"),
+    ({"curvature": "secant_elementwise", "sample_size": 8}, {"curvature": "secant_elementwise"}, "sample_size"),
+])
+def test_state_saved_with_other_estimator_settings_is_refused(make_regression: Callable[..., Any], saved: dict[str, Any],
+                                                             loaded: dict[str, Any], named: str) -> None:
+    problem = make_regression()
+    optimizer = CBLR(problem.model.parameters(), lr=0.01, **saved)
+    problem.step(optimizer)
+    other = CBLR(problem.model.parameters(), lr=0.01, **loaded)
+    with pytest.raises(ValueError, match=f"saved with .*'{named}'.*build the optimizer with the saved values"):
+        other.load_state_dict(optimizer.state_dict())
+    assert not other.state  # nothing was loaded
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_dict_resume_is_bit_identical(optimizer_config: Any, make_regression: Callable[..., Any],
                                             dtype: torch.dtype) -> None:

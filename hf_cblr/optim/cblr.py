@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from hf_cblr.optim.partitioned import LayerFragment
 
 BASES = ("sgd", "adam")
+#: ``state_dict()[SETTINGS_KEY]``: the settings the saved state belongs to (:meth:`CBLR._estimator_settings`).
+SETTINGS_KEY = "hf_cblr"
 
 
 def _check_number(name: str, value: Any, low: float, high: float, *, include_low: bool = True,
@@ -433,9 +435,27 @@ class CBLR(Optimizer):
             result[name] = {key: values[index] for key, values in as_floats[id(stats)].items()}
         return result
 
+    def _estimator_settings(self) -> dict[str, Any]:
+        """What the state means besides the param groups: the base direction and the estimator's settings."""
+        estimator = self.estimator
+        return {"base": self.base, "curvature": self.curvature, "aggregate": estimator.aggregate,
+                "sample_size": estimator.sample_size, "seed": estimator.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state`` and ``param_groups``, plus ``"hf_cblr"``: :meth:`_estimator_settings`, checked on load."""
+        return {**super().state_dict(), SETTINGS_KEY: self._estimator_settings()}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved, current = state_dict.get(SETTINGS_KEY), self._estimator_settings()
+        if saved is not None and saved != current:
+            differing = {key: saved.get(key) for key in current if saved.get(key) != current[key]}
+            raise ValueError(
+                f"the optimizer state was saved with {differing}, this {type(self).__name__} has "
+                f"{ {key: current[key] for key in differing} }: its curvature state (estimates, element samples, "
+                "moments) belongs to those settings; build the optimizer with the saved values to resume"
+            )
         previous = list(self.param_groups)
-        super().load_state_dict(state_dict)
+        super().load_state_dict({key: value for key, value in state_dict.items() if key != SETTINGS_KEY})
         self._partitioned.follow(previous, self.param_groups)
         # torch casts every state tensor to its parameter's dtype, integer sample positions included; this
         # optimizer keeps its floating state in fp32 and its positions in int64: restore the saved dtypes.
