@@ -1,9 +1,10 @@
 """Tensor-list kernels behind the optimizers: one multi-tensor (foreach) path, one single-tensor path.
 
 Every optimizer step in this package is written once, against :class:`TensorListOps`. The two
-implementations compute the same arithmetic; the foreach one launches one kernel per operation for
-the whole list (``torch._foreach_*``), the single-tensor one loops over tensors in Python and is the
-readable reference. :func:`select_ops` is the one place that picks a path, as torch's
+implementations compute the same arithmetic (to rounding: off the CPU the foreach ``divide_into_`` and
+``addcdiv_into_`` multiply by a reciprocal; the tests hold the paths to 1e-6 relative); the foreach one
+launches one kernel per operation for the whole list (``torch._foreach_*``), the single-tensor one
+loops over tensors in Python and is the readable reference. :func:`select_ops` is the one place that picks a path, as torch's
 ``_default_to_fused_or_foreach`` does.
 """
 
