@@ -141,7 +141,7 @@ class LogOptimizer(TrainerCallback):
 
     def on_train_begin(self, args: CBLRTrainingArguments, state: TrainerState, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
-            logger.info("optim=%r: the optimizer in use is %s", args.optim, optimizer_class_name(kwargs["optimizer"]))
+            logger.info("the optimizer in use is %s", optimizer_class_name(kwargs["optimizer"]))
 
 
 # -- arguments ---------------------------------------------------------------------------------
