@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DeepSpeedOptimizerWrapper
+from accelerate.utils import is_deepspeed_available
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -193,7 +193,7 @@ class StructureProbeCallback(TrainerCallback):
 
     # -- Trainer events ------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._update_in_backward = isinstance(kwargs.get("optimizer"), DeepSpeedOptimizerWrapper)
+        self._update_in_backward = _steps_inside_backward(kwargs.get("optimizer"))
         self._before = None
         self._pending_logs = {}
         self.records = []
@@ -351,6 +351,15 @@ def _total(norms: list[float | None]) -> float | None:
 def _finite(values: Mapping[str, float | None]) -> dict[str, float | None]:
     """``None`` for non-finite numbers (JSON has no NaN or infinity)."""
     return {key: value if value is None or math.isfinite(value) else None for key, value in values.items()}
+
+
+def _steps_inside_backward(optimizer: Any) -> bool:
+    """Accelerate's DeepSpeed wrapper: the DeepSpeed engine updates the weights inside ``accelerator.backward``."""
+    if not is_deepspeed_available():  # accelerate defines the wrapper only where DeepSpeed is installed
+        return False
+    from accelerate.utils import DeepSpeedOptimizerWrapper
+
+    return isinstance(optimizer, DeepSpeedOptimizerWrapper)
 
 
 def _optimizer_layer_stats(optimizer: Optimizer | None, model: nn.Module) -> dict[str, dict[str, float]]:
