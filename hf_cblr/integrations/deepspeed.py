@@ -1,7 +1,7 @@
 """DeepSpeed entry points: ``"optimizer": {"type": "CBLR" | "MCLR" | "LARS"}`` in a DeepSpeed config, and the checks.
 
-Every optimizer of this package is exact under ZeRO-1/2/3 by itself (the optimizer finds the
-layers behind ZeRO's flat partitions: :mod:`hf_cblr.optim.partitioned`, ``docs/zero.md``), MCLR
+Every optimizer of this package, with any estimator that needs no closure, is exact under ZeRO-1/2/3
+by itself (the optimizer finds the layers behind ZeRO's flat partitions: :mod:`hf_cblr.optim.partitioned`, ``docs/zero.md``), MCLR
 included: its element samples are drawn from the whole layers as in one process, each rank measures
 the sampled elements of its own fragments and one all-reduce per partition and step assembles them,
 so its rates do not depend on the world size. One

@@ -307,7 +307,7 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
             batch.ops.all_reduce_sum(measured)
             for i, offset in zip(continuing, offsets[:-1], strict=True):
                 size = samples[i].size
-                grad_change, weight_change = measured[offset: offset + 2 * size].clone().split(size)
+                grad_change, weight_change = measured[offset: offset + 2 * size].split(size)
                 estimate[i] = self._secant(grad_change, weight_change) + batch.decay[i]
         for i, state in enumerate(batch.states):
             state["sample_prev_grad"] = batch.grads[i][samples[i].local]

@@ -13,8 +13,8 @@ checks against the training arguments are transformers'); an optimizer instance 
 ``optimizers=`` is kept (transformers drops it, transformers#38753); the DeepSpeed config is made to
 keep the client optimizer under ZeRO-Offload (:func:`~hf_cblr.integrations.prepare_deepspeed_config`);
 and under ZeRO an estimator that cannot run on ZeRO partitions stops training at its start
-(:func:`~hf_cblr.optim.partitioned.check_zero_support`). Every hf_cblr optimizer is layer-exact under
-ZeRO (``docs/zero.md``).
+(:func:`~hf_cblr.optim.partitioned.check_zero_support`). Every hf_cblr optimizer with an estimator that
+needs no closure is layer-exact under ZeRO (``docs/zero.md``).
 
 **Batch-size ramping** (``batch_size_schedule``, grammar in :mod:`hf_cblr.trainer.batch_schedule`).
 The whole plan of global batch sizes is fixed when training starts (``max_steps`` steps, or enough
