@@ -70,6 +70,25 @@ def test_foreach_matches_single_tensor(optimizer_config: Any, make_regression: C
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_chunked_step_matches_whole_batch_step(optimizer_config: Any, make_regression: Callable[..., Any],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU the step runs over chunks of whole layers (``LayerBatch.chunks``); chunks of one or two of the
+    regression's layers give the numbers of the whole batch at once."""
+    params = {}
+    for chunk_elements in (40, 1 << 30):
+        monkeypatch.setattr(tensor_ops, "CPU_CHUNK_ELEMENTS", chunk_elements)
+        problem = make_regression()
+        optimizer = optimizer_config.create(problem.model, **_options(optimizer_config))
+        for _ in range(5):
+            problem.step(optimizer)
+        params[chunk_elements] = problem.parameters()
+        batches = optimizer._collect_batches()  # weights of 96 and 48 elements; biases and norm scales of 16, 16, 16, 3
+        chunks = [len(batch.chunks(tensor_ops.chunk_elements(batch.params))) for batch in batches]
+        assert chunks == ([1] * len(batches) if chunk_elements > 40 else [2, 2])
+    for a, b in zip(params[40], params[1 << 30], strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_parameters_train_with_fp32_state(optimizer_config: Any, make_regression: Callable[..., Any],
                                                        dtype: torch.dtype) -> None:

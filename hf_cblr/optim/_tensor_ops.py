@@ -27,8 +27,11 @@ class TensorListOps:
             return torch.empty(0)
         return torch.stack([torch.linalg.vector_norm(x, dtype=torch.float32) for x in xs])
 
-    def add(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0) -> TensorList:
-        return [x.add(y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
+    def add(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0,
+            outs: Sequence[Tensor | None] | None = None) -> TensorList:
+        """``x + alpha y``, written into ``outs`` where given (see :meth:`sqrt`)."""
+        return [torch.add(x, y, alpha=alpha, out=out) if out is not None else x.add(y, alpha=alpha)
+                for x, y, out in zip(xs, ys, outs or [None] * len(xs), strict=True)]
 
     def add_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0) -> None:
         for x, y in zip(xs, ys, strict=True):
@@ -74,8 +77,12 @@ class TensorListOps:
         for x, y, alpha in zip(xs, ys, alphas, strict=True):
             x.add_(y, alpha=alpha)
 
-    def sqrt(self, xs: Sequence[Tensor]) -> TensorList:
-        return [x.sqrt() for x in xs]
+    def sqrt(self, xs: Sequence[Tensor], outs: Sequence[Tensor | None] | None = None) -> TensorList:
+        """``sqrt(x)``, written into ``outs`` where given: buffers of the same size that the caller lends
+        (``None`` entries, or no ``outs``: new tensors). On the CPU a new large tensor page-faults on
+        first write, which costs more than the computation (``docs/benchmarks.md``)."""
+        return [torch.sqrt(x, out=out) if out is not None else x.sqrt()
+                for x, out in zip(xs, outs or [None] * len(xs), strict=True)]
 
     def divide_into_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
         """``y <- x / y`` in place: the quotient in the divisor's storage, one pass and no new tensor."""
@@ -115,7 +122,11 @@ class ForeachTensorListOps(TensorListOps):
             return torch.empty(0)
         return torch.stack(torch._foreach_norm(list(xs), 2, dtype=torch.float32))
 
-    def add(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0) -> TensorList:
+    def add(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0,
+            outs: Sequence[Tensor | None] | None = None) -> TensorList:
+        """As :meth:`sqrt`: into the lent buffers on CPU, one foreach kernel into new tensors elsewhere."""
+        if outs is not None and _on_cpu(xs) and any(out is not None for out in outs):
+            return super().add(xs, ys, alpha, outs)
         return list(torch._foreach_add(list(xs), list(ys), alpha=alpha)) if xs else []
 
     def add_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0) -> None:
@@ -163,7 +174,11 @@ class ForeachTensorListOps(TensorListOps):
         for alpha, indices in by_alpha.items():
             torch._foreach_add_([xs[i] for i in indices], [ys[i] for i in indices], alpha=alpha)
 
-    def sqrt(self, xs: Sequence[Tensor]) -> TensorList:
+    def sqrt(self, xs: Sequence[Tensor], outs: Sequence[Tensor | None] | None = None) -> TensorList:
+        """Into the lent buffers on CPU (one pass per tensor, no page faults); elsewhere one foreach kernel into
+        new tensors, which the caching allocator hands out without a pass (writing into the buffers would take two)."""
+        if outs is not None and _on_cpu(xs) and any(out is not None for out in outs):
+            return super().sqrt(xs, outs)
         return list(torch._foreach_sqrt(list(xs))) if xs else []
 
     def divide_into_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
@@ -203,6 +218,21 @@ class ForeachTensorListOps(TensorListOps):
 def _on_cpu(tensors: Sequence[Tensor]) -> bool:
     """Whether every tensor is on the CPU, where a ``_foreach_*`` op is a Python-free loop over the tensors anyway."""
     return all(t.device.type == "cpu" for t in tensors)
+
+
+#: On the CPU the step runs over chunks of whole layers of about this many elements (4 MiB per fp32
+#: tensor), one chunk through all its kernels before the next: see :func:`chunk_elements`.
+CPU_CHUNK_ELEMENTS = 1 << 20
+
+
+def chunk_elements(tensors: Sequence[Tensor]) -> int | None:
+    """The most elements the step takes through its kernels at once (``LayerBatch.chunks``).
+
+    On the CPU every kernel is a pass over memory, and one that follows another over the same few MiB
+    finds them in the cache: chunks of about :data:`CPU_CHUNK_ELEMENTS`. Elsewhere None, the whole batch:
+    a GPU kernel launch costs more than the pass it saves, and a foreach kernel takes the whole list at once.
+    """
+    return CPU_CHUNK_ELEMENTS if _on_cpu(tensors) else None
 
 
 SINGLE_TENSOR_OPS = TensorListOps()

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_cblr.optim._tensor_ops import TensorList, TensorListOps, select_ops
+from hf_cblr.optim._tensor_ops import TensorList, TensorListOps, chunk_elements, select_ops
 from hf_cblr.optim.curvature import (
     AGGREGATES,
     CURVATURE_ESTIMATORS,
@@ -218,11 +218,28 @@ class CBLR(Optimizer):
         if not batches:
             return loss
         step = self._advance_step_counters(batches)
+        if self.rates_need_all_layers or self.estimator.needs_closure:
+            loss = self._step_layers(batches, closure, step, loss)
+        else:  # a layer's rate is its own: the whole step one chunk at a time, its tensors still in the cache
+            for batch in batches:
+                for chunk in batch.chunks(chunk_elements(batch.params)):
+                    self._step_layers([chunk], None, step, loss)
+        self._partitioned.store(self)
+        return loss
+
+    def _step_layers(self, batches: list[LayerBatch], closure: Closure | None, step: int, loss: Tensor | None) -> Tensor | None:
+        """Step ``batches`` together: the directions of all their layers, then the estimates and rates, then the
+        updates (the first and last pass chunk by chunk, :meth:`LayerBatch.chunks`). Returns the loss of the
+        estimator's last closure call, or ``loss``."""
         for batch in batches:
-            if self.base == "sgd":
-                self._sgd_direction(batch)
-            else:
-                self._adam_direction(batch)
+            chunks = batch.chunks(chunk_elements(batch.params))
+            for chunk in chunks:
+                self.estimator.before_direction(chunk)
+                if self.base == "sgd":
+                    self._sgd_direction(chunk)
+                else:
+                    self._adam_direction(chunk)
+            batch.join(chunks)
         if not self.estimator.needs_closure or (step - 1) % self.update_interval == 0:
             losses: list[Tensor] = []
             estimates = self.estimator.estimate(batches, _recording(closure, losses), step)
@@ -230,8 +247,11 @@ class CBLR(Optimizer):
             for batch, estimate in zip(batches, estimates, strict=True):
                 self._smooth_curvature(batch, estimate)
         for batch, rates in zip(batches, self._layer_rates(batches), strict=True):
-            self._apply_update(batch, rates)
-        self._partitioned.store(self)
+            start = 0
+            for chunk in batch.chunks(chunk_elements(batch.params)):
+                self._apply_update(chunk, rates[start:start + len(chunk)])
+                self.estimator.after_update(chunk)
+                start += len(chunk)
         return loss
 
     def _collect_batches(self) -> list[LayerBatch]:
@@ -309,7 +329,8 @@ class CBLR(Optimizer):
         so the bias corrections are per-layer scalars and cost no pass over the layer: ``batch.direction``
         holds :math:`q`, or on decayed layers :math:`w + (s / \beta) q` (one fused pass), and
         ``batch.direction_scales`` the factor (:math:`s`, or :math:`\beta`) that the update folds into the
-        layer rate. ``sqrt(v)`` is the one allocation, then overwritten in place. The secant estimator also
+        layer rate. ``sqrt(v)`` goes into the workspace the estimator lends (the secant's previous-gradient
+        buffer) or else into the one new tensor, then is overwritten in place. The secant estimator also
         needs the preconditioner's gain :math:`|P \hat m| / |\hat m| = \sqrt{b_2}\, |q| / |m|`: there ``q`` is
         formed first, its norm taken in one ``ops.norms`` call with ``|g|`` and ``|m|``, and ``(\beta / s) w``
         added after.
@@ -328,7 +349,7 @@ class CBLR(Optimizer):
         ops.lerp_(exp_avgs, grads, 1 - beta1)
         ops.mul_(exp_avg_sqs, beta2)
         ops.addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-        direction = ops.sqrt(exp_avg_sqs)
+        direction = ops.sqrt(exp_avg_sqs, outs=batch.workspace)
         ops.add_scalars_(direction, [batch.group["eps"] * c2 for c2 in sqrt_bias_corrections2])
         if self.curvature == "secant":
             ops.divide_into_(exp_avgs, direction)
@@ -481,14 +502,15 @@ def _bias_correction(beta: float, step: float) -> float:
 
 
 def _plus_decay(batch: LayerBatch, direction: TensorList) -> TensorList:
-    """``direction`` with ``beta w`` added to its decayed layers (as new tensors)."""
+    """``direction`` with ``beta w`` added to its decayed layers (in the batch's workspace, or new tensors)."""
     beta = batch.group["weight_decay"]
     decayed = [i for i, value in enumerate(batch.decay.tolist()) if value != 0]
     if beta == 0 or not decayed:
         return direction
     targets = [direction[i] for i in decayed]
     weights = [batch.weights[i] for i in decayed]
-    for i, new in zip(decayed, batch.ops.add(targets, weights, alpha=beta), strict=True):
+    outs = [batch.workspace[i] for i in decayed]
+    for i, new in zip(decayed, batch.ops.add(targets, weights, alpha=beta, outs=outs), strict=True):
         direction[i] = new
     return direction
 
@@ -503,3 +525,4 @@ def _recording(closure: Closure | None, losses: list[Tensor]) -> Closure | None:
         return losses[-1]
 
     return recorded
+

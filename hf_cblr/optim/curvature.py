@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from itertools import chain, pairwise
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
@@ -39,6 +40,12 @@ NEGLIGIBLE_STEP_FRACTION = 1e-3
 AGGREGATES = ("mean", "median")
 
 
+#: ``LayerBatch`` field metadata: one entry per layer (sliced by :meth:`LayerBatch.chunks`) ...
+PER_LAYER = {"per_layer": True}
+#: ... and computed by the step per chunk (joined back by :meth:`LayerBatch.join`).
+PER_LAYER_RESULT = {"per_layer": True, "result": True}
+
+
 @dataclass
 class LayerBatch:
     r"""The layers of one param group that have a gradient this step, in fp32.
@@ -56,31 +63,78 @@ class LayerBatch:
     """
 
     group: dict[str, Any]
-    params: list[Tensor]
-    weights: TensorList
-    grads: TensorList
-    states: list[dict[str, Any]]
-    names: list[str]
-    layer_ids: list[int]
-    decay: Tensor
-    adapt: Tensor
+    params: list[Tensor] = field(metadata=PER_LAYER)
+    weights: TensorList = field(metadata=PER_LAYER)
+    grads: TensorList = field(metadata=PER_LAYER)
+    states: list[dict[str, Any]] = field(metadata=PER_LAYER)
+    names: list[str] = field(metadata=PER_LAYER)
+    layer_ids: list[int] = field(metadata=PER_LAYER)
+    decay: Tensor = field(metadata=PER_LAYER)
+    adapt: Tensor = field(metadata=PER_LAYER)
     ops: TensorListOps
-    direction: TensorList = field(default_factory=list)
+    direction: TensorList = field(default_factory=list, metadata=PER_LAYER_RESULT)
     #: Adam base: :math:`k_l` with :math:`u_l = k_l` ``direction[l]``; None for the SGD base (all 1).
-    direction_scales: Tensor | None = None
+    direction_scales: Tensor | None = field(default=None, metadata=PER_LAYER_RESULT)
     #: Adam base: :math:`|u_l|`.
-    direction_norms: Tensor = field(default_factory=lambda: torch.empty(0))
+    direction_norms: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
     #: Adam base: ``v`` (None for the SGD base, whose preconditioner is the identity).
-    second_moments: TensorList | None = None
+    second_moments: TensorList | None = field(default=None, metadata=PER_LAYER_RESULT)
     #: Adam base: :math:`1 / \sqrt{1 - \beta_2^{t_l}}` per layer.
-    inverse_sqrt_bias_corrections2: list[float] = field(default_factory=list)
-    grad_norms: Tensor = field(default_factory=lambda: torch.empty(0))
+    inverse_sqrt_bias_corrections2: list[float] = field(default_factory=list, metadata=PER_LAYER_RESULT)
+    grad_norms: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
     #: Adam base: ``|P m_hat| / |m_hat|`` per layer, the preconditioner's gain along the momentum.
-    preconditioner_gains: Tensor = field(default_factory=lambda: torch.empty(0))
-    fragments: list[LayerFragment] | None = None
+    preconditioner_gains: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
+    fragments: list[LayerFragment] | None = field(default=None, metadata=PER_LAYER)
+    #: Per layer, an fp32 buffer of the layer's (or fragment's) size that the estimator lends to this step
+    #: (:meth:`CurvatureEstimator.before_direction`), so the direction needs no new tensor; None: none lent.
+    workspace: list[Tensor | None] = field(default_factory=list, metadata=PER_LAYER_RESULT)
+    #: Secant estimators: ``|g_t - g_{t-1}|`` per layer, NaN where there is no previous gradient.
+    grad_change_norms: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
+
+    def __post_init__(self) -> None:
+        if not self.workspace:
+            self.workspace = [None] * len(self.params)
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def chunks(self, max_elements: int | None) -> list[LayerBatch]:
+        """The batch as runs of consecutive whole layers of at most ``max_elements`` elements together (a
+        larger layer is a run of its own), sharing its tensors; ``[self]`` when ``max_elements`` is None, or
+        for ZeRO fragments, where every norm is an all-reduce.
+
+        The step forms the direction one chunk at a time, and applies the update one chunk at a time, so
+        that on the CPU each kernel finds the chunk's tensors still in the cache (``docs/algorithm.md``,
+        "Numerics"). A chunk holds slices of this batch's per-layer fields, results included.
+        """
+        if max_elements is None or self.fragments is not None:
+            return [self]
+        bounds, elements = [0], 0
+        for i, param in enumerate(self.params):
+            if elements and elements + param.numel() > max_elements:
+                bounds.append(i)
+                elements = 0
+            elements += param.numel()
+        bounds.append(len(self))
+        if len(bounds) == 2:
+            return [self]
+        return [self._slice(start, stop) for start, stop in pairwise(bounds)]
+
+    def _slice(self, start: int, stop: int) -> LayerBatch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for f in fields(self):
+            if f.metadata.get("per_layer") and values[f.name] is not None:
+                values[f.name] = values[f.name][start:stop]
+        return LayerBatch(**values)
+
+    def join(self, chunks: list[LayerBatch]) -> None:
+        """Take as this batch's the per-layer results that its ``chunks`` (from :meth:`chunks`) computed."""
+        if len(chunks) == 1 and chunks[0] is self:
+            return
+        for f in fields(self):
+            parts = [getattr(chunk, f.name) for chunk in chunks]
+            if f.metadata.get("result") and parts[0] is not None:
+                setattr(self, f.name, torch.cat(parts) if isinstance(parts[0], Tensor) else list(chain.from_iterable(parts)))
 
     def no_estimates(self) -> Tensor:
         """A vector of NaN, one per layer: no estimate yet."""
@@ -120,8 +174,15 @@ class CurvatureEstimator:
         self.seed = seed
         self.fd_step = fd_step
 
+    def before_direction(self, batch: LayerBatch) -> None:
+        """Called with each batch before the base direction is formed. An estimator may measure here what
+        it keeps from the last step and lend the buffers that hold it to the step (``batch.workspace``)."""
+
     def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
         raise NotImplementedError
+
+    def after_update(self, batch: LayerBatch) -> None:
+        """Called with each batch once its update is applied: the lent workspace is free again."""
 
     # -- shared pieces -------------------------------------------------------------------------
     def _aggregate(self, values: Tensor) -> Tensor:
@@ -195,30 +256,39 @@ class SecantCurvature(CurvatureEstimator):
     explodes on elements whose ``v`` is near zero, where Adam's step is bounded). Needs the previous
     gradient (one fp32 copy) and the norm of the last update, which the optimizer records when it
     applies it, so no copy of the weights is kept.
+
+    The previous-gradient buffer does double duty: :meth:`before_direction` forms ``g_{t-1} - g_t`` in it
+    and takes the norm, the step then uses it as the workspace of its direction, and :meth:`after_update`
+    copies ``g_t`` into it. So the secant costs the step no new tensor (``docs/algorithm.md``, "Numerics").
     """
 
     name = "secant"
 
+    def before_direction(self, batch: LayerBatch) -> None:
+        has_previous = [i for i, state in enumerate(batch.states) if "prev_grad" in state]
+        batch.grad_change_norms = batch.no_estimates()
+        if has_previous:
+            previous = [batch.states[i]["prev_grad"] for i in has_previous]
+            batch.ops.sub_(previous, [batch.grads[i] for i in has_previous])  # sign is irrelevant to the norm
+            batch.grad_change_norms[has_previous] = batch.ops.norms(previous)
+            for i, buffer in zip(has_previous, previous, strict=True):
+                batch.workspace[i] = buffer
+
     def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
         estimates = []
         for batch in batches:
-            has_previous = [i for i, state in enumerate(batch.states) if "prev_grad" in state]
-            estimate = batch.no_estimates()
-            if has_previous:
-                previous = [batch.states[i]["prev_grad"] for i in has_previous]
-                grads = [batch.grads[i] for i in has_previous]
-                batch.ops.sub_(previous, grads)  # in place: no new allocation; sign is irrelevant to the norm
-                grad_change_norms = batch.ops.norms(previous)
-                step_norms = torch.stack([batch.states[i]["update_norm"] for i in has_previous])
-                gains = batch.preconditioner_gains[has_previous] if batch.second_moments is not None else 1.0
-                secants = gains * grad_change_norms / step_norms + batch.decay[has_previous]
-                estimate[has_previous] = _nan_where(secants, step_norms == 0)
-                batch.ops.copy_(previous, grads)
-            for i, state in enumerate(batch.states):
-                if "prev_grad" not in state:
-                    state["prev_grad"] = batch.grads[i].detach().clone(memory_format=torch.preserve_format)
-            estimates.append(estimate)
+            step_norms = torch.stack([state["update_norm"] for state in batch.states])
+            gains = batch.preconditioner_gains if batch.second_moments is not None else 1.0
+            secants = gains * batch.grad_change_norms / step_norms + batch.decay  # NaN without a previous gradient
+            estimates.append(_nan_where(secants, step_norms == 0))
         return estimates
+
+    def after_update(self, batch: LayerBatch) -> None:
+        continuing = [i for i, state in enumerate(batch.states) if "prev_grad" in state]
+        batch.ops.copy_([batch.states[i]["prev_grad"] for i in continuing], [batch.grads[i] for i in continuing])
+        for i, state in enumerate(batch.states):
+            if "prev_grad" not in state:
+                state["prev_grad"] = batch.grads[i].detach().clone(memory_format=torch.preserve_format)
 
 
 class FragmentSample(NamedTuple):
