@@ -8,10 +8,12 @@ defaults (CBLR's estimator is ``secant``) and include what every step of theirs 
 per-layer statistics behind ``layer_stats()``.
 
 Every optimizer is warmed up (``--warmup`` steps: state allocation, first estimates), then timed
-over ``--repeats`` steps, each followed by a step of the reference, torch AdamW-foreach
-(``torch.cuda.synchronize()`` around each on GPU). Alternating exposes both to the same background
-load; all optimizers step the same parameters, with an lr small enough that they barely move (a
-step's cost does not depend on the values). The table gives the median, the interquartile range,
+over ``--repeats`` steps, alternating with steps of the reference, torch AdamW-foreach, in turns of
+``--block`` consecutive steps of which the last is timed (``torch.cuda.synchronize()`` around it on
+GPU). Alternating exposes both to the same background load; the untimed steps of a turn keep one
+optimizer's allocations (page faults on the CPU) from changing the other's time. All optimizers
+step the same parameters, with an lr small enough that they barely move (a step's cost does not
+depend on the values). The table gives the median, the interquartile range,
 and the ratio of the median to the median of the AdamW steps alternated with it. Fused AdamW is
 timed wherever torch has the kernel (CUDA, and CPU in recent torch).
 
@@ -200,18 +202,23 @@ def timed_step(optimizer: Optimizer, device: torch.device) -> float:
 
 
 def time_paired(candidate: Optimizer, reference: Optimizer, device: torch.device, warmup: int,
-                repeats: int) -> tuple[list[float], list[float]]:
+                repeats: int, block: int) -> tuple[list[float], list[float]]:
     """Step times of ``candidate`` and of ``reference``, alternating, after ``warmup`` candidate steps.
 
     Alternating exposes both to the same background load, so their ratio holds on a busy machine.
-    Both step the same parameters; the step cost does not depend on their values.
+    Both step the same parameters; the step cost does not depend on their values. Each turn is ``block``
+    consecutive steps of which the last is timed: on the CPU a step that allocates full-size tensors
+    costs more or less depending on what the other optimizer left in the allocator (page faults), and the
+    untimed steps let each settle into its own steady state.
     """
     for _ in range(warmup):
         candidate.step()
     candidate_times, reference_times = [], []
     for _ in range(repeats):
-        reference_times.append(timed_step(reference, device))
-        candidate_times.append(timed_step(candidate, device))
+        for optimizer, times in ((reference, reference_times), (candidate, candidate_times)):
+            for _ in range(block - 1):
+                optimizer.step()
+            times.append(timed_step(optimizer, device))
     return candidate_times, reference_times
 
 
@@ -259,13 +266,15 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--repeats", type=int, help="timed steps per optimizer (default: 7 on CPU, 100 on GPU)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="optimizers to run (default: all)")
     parser.add_argument("--no-reference-paths", action="store_true", help="skip our optimizers with foreach=False")
+    parser.add_argument("--block", type=int, default=2,
+                        help="consecutive steps per turn of the alternation, the last one timed (default 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="OUT", help="save the setup and the results as JSON")
     args = parser.parse_args(argv)
     repeats = args.repeats or (100 if args.device == "cuda" else 7)
-    if repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if repeats < 1 or args.warmup < 0 or args.block < 1:
+        parser.error("--repeats and --block must be >= 1 and --warmup >= 0")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -280,7 +289,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     machine = machine_description(device)
     print(f"machine: {machine}")
     print(f"parameters: {numel:,} values in {len(named)} tensors, {args.dtype} on {device}; "
-          f"warmup {args.warmup}, repeats {repeats}")
+          f"warmup {args.warmup}, repeats {repeats}, turns of {args.block} steps")
 
     factories = optimizer_factories(reference_paths=not args.no_reference_paths)
     unknown = sorted(set(args.only or []) - set(factories))
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     for name in [n for n in args.only or factories if n != REFERENCE]:
         try:
             candidate = factories[name](named)
-            candidate_times, reference_times = time_paired(candidate, reference, device, args.warmup, repeats)
+            candidate_times, reference_times = time_paired(candidate, reference, device, args.warmup, repeats, args.block)
         except RuntimeError as error:  # e.g. fused AdamW without a kernel for this device and dtype
             print(f"  {name}: skipped ({str(error).splitlines()[0]})")
             continue
@@ -331,7 +340,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         with open(args.json, "w") as out:
             json.dump({
                 "machine": machine, "device": str(device), "dtype": args.dtype, "scale": args.scale,
-                "parameters": numel, "tensors": len(named), "warmup": args.warmup, "repeats": repeats,
+                "parameters": numel, "tensors": len(named), "warmup": args.warmup, "repeats": repeats, "block": args.block,
                 "bandwidth_bytes_per_s": bandwidth, "byte_floor_ms": floor_ms,
                 "results": [asdict(result) for result in results.values()],
             }, out, indent=2)
