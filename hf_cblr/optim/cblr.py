@@ -525,4 +525,3 @@ def _recording(closure: Closure | None, losses: list[Tensor]) -> Closure | None:
         return losses[-1]
 
     return recorded
-

@@ -103,9 +103,10 @@ class LayerBatch:
         larger layer is a run of its own), sharing its tensors; ``[self]`` when ``max_elements`` is None, or
         for ZeRO fragments, where every norm is an all-reduce.
 
-        The step forms the direction one chunk at a time, and applies the update one chunk at a time, so
-        that on the CPU each kernel finds the chunk's tensors still in the cache (``docs/algorithm.md``,
-        "Numerics"). A chunk holds slices of this batch's per-layer fields, results included.
+        The step takes one chunk at a time through all its kernels (the whole step where a layer's rate is
+        its own; else the direction, then, after the rates, the update), so that on the CPU each kernel finds
+        the chunk's tensors still in the cache (``docs/algorithm.md``, "Numerics"). A chunk holds slices of
+        this batch's per-layer fields, results included.
         """
         if max_elements is None or self.fragments is not None:
             return [self]
