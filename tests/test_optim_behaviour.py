@@ -70,7 +70,8 @@ def test_foreach_matches_single_tensor(optimizer_config: Any, make_regression: C
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_chunked_step_matches_whole_batch_step(optimizer_config: Any, make_regression: Callable[..., Any],
+@pytest.mark.parametrize("foreach", [True, False])
+def test_chunked_step_matches_whole_batch_step(optimizer_config: Any, make_regression: Callable[..., Any], foreach: bool,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """On the CPU the step runs over chunks of whole layers (``LayerBatch.chunks``); chunks of one or two of the
     regression's layers give the numbers of the whole batch at once."""
@@ -78,7 +79,7 @@ def test_chunked_step_matches_whole_batch_step(optimizer_config: Any, make_regre
     for chunk_elements in (40, 1 << 30):
         monkeypatch.setattr(tensor_ops, "CPU_CHUNK_ELEMENTS", chunk_elements)
         problem = make_regression()
-        optimizer = optimizer_config.create(problem.model, **_options(optimizer_config))
+        optimizer = optimizer_config.create(problem.model, **_options(optimizer_config, foreach=foreach))
         for _ in range(5):
             problem.step(optimizer)
         params[chunk_elements] = problem.parameters()
