@@ -86,7 +86,8 @@ def test_chunked_step_matches_whole_batch_step(optimizer_config: Any, make_regre
         batches = optimizer._collect_batches()  # weights of 96 and 48 elements; biases and norm scales of 16, 16, 16, 3
         chunks = [len(batch.chunks(tensor_ops.chunk_elements(batch.params))) for batch in batches]
         assert chunks == ([1] * len(batches) if chunk_elements > 40 else [2, 2])
-    for a, b in zip(params[40], params[1 << 30], strict=True):
+    for a, b, initial in zip(params[40], params[1 << 30], make_regression().parameters(), strict=True):
+        assert not torch.equal(a, initial)
         assert torch.equal(a, b)
 
 
