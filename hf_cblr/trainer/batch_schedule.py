@@ -94,7 +94,19 @@ class StepList:
         return sorted(set(self.batch_sizes))
 
 
-BatchSizeSchedule = LinearRamp | Milestones | StepList
+@dataclass(frozen=True)
+class FullBatch:
+    """The full batch at every step: the plan of a run without a schedule whose batches the sampler still
+    draws (``group_by_length``)."""
+
+    def global_batch_size(self, consumed_samples: int, step: int, full_batch_size: int) -> int:
+        return full_batch_size
+
+    def sizes(self, full_batch_size: int) -> list[int]:
+        return [full_batch_size]
+
+
+BatchSizeSchedule = LinearRamp | Milestones | StepList | FullBatch
 
 
 def _integer(text: str, what: str, spec: str, minimum: int) -> int:
@@ -188,23 +200,31 @@ class ScheduledBatchSampler(Sampler[list[int]]):
     consecutive chunks, chunk ``i * world_size + r`` being micro-batch ``i`` of rank ``r``: with
     ``chunks_per_step = world_size x gradient_accumulation_steps`` Accelerate's ``BatchSamplerShard``
     (which deals batch ``j`` to rank ``j % world_size``) hands every rank its micro-batches in order.
+
+    With ``lengths`` (one per sample: its token count), each global batch is ordered by decreasing
+    length before it is cut into chunks, so that a micro-batch holds samples of similar length and
+    dynamic padding pads little. Which samples form a global batch does not change, so neither does
+    the step's gradient (the sum over the batch); only the grouping into micro-batches does.
     """
 
     #: Batch sizes vary: tells Accelerate's ``BatchSamplerShard`` not to wait for full batches.
     batch_size = None
 
     def __init__(self, num_samples: int, plan: Sequence[int], chunks_per_step: int, *, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, lengths: Sequence[int] | None = None) -> None:
         if num_samples < 1:
             raise ValueError(f"the training set is empty (num_samples={num_samples})")
         bad = [size for size in plan if size < 1 or size % chunks_per_step]
         if bad:
             raise ValueError(f"global batch sizes {sorted(set(bad))} are not positive multiples of {chunks_per_step}")
+        if lengths is not None and len(lengths) != num_samples:
+            raise ValueError(f"lengths has {len(lengths)} entries for {num_samples} samples")
         self.num_samples = num_samples
         self.plan = list(plan)
         self.chunks_per_step = chunks_per_step
         self.seed = seed
         self.shuffle = shuffle
+        self.lengths = lengths
 
     def __len__(self) -> int:
         return len(self.plan) * self.chunks_per_step
@@ -225,6 +245,8 @@ class ScheduledBatchSampler(Sampler[list[int]]):
                 taken = order[position:position + size - len(batch)]
                 batch += taken
                 position += len(taken)
+            if self.lengths is not None:
+                batch.sort(key=self.lengths.__getitem__, reverse=True)  # stable: ties keep the stream's order
             chunk = size // self.chunks_per_step
             for start in range(0, size, chunk):
                 yield batch[start:start + chunk]

@@ -29,7 +29,11 @@ resume) of the same deterministic stream, and the consumed samples saved in the 
 trainer state are checked against the plan. ``batch_size_lr_scaling`` multiplies the learning-rate
 schedule (a ``LambdaLR``, as all of transformers' but ``reduce_lr_on_plateau``/``greedy``) by
 ``B_k / B_full`` or its square root. Logged: ``global_batch_size`` (of the last step) and
-``consumed_samples``.
+``consumed_samples``. With ``train_sampling_strategy="group_by_length"`` (and with no schedule too: the plan
+is then the full batch at every step) each global batch is drawn at random as above and cut into
+micro-batches of similar length, so dynamic padding pads little and the step's gradient is unchanged
+(transformers' own ``LengthGroupedSampler`` would instead put samples of similar length in the same
+global batch).
 
 **Small-loss dropping** (``drop_fraction`` ...). Selection pool: the samples of one micro-step on
 all ranks (with ``gradient_accumulation_steps = 1``, the global batch). The per-sample losses of the
@@ -90,6 +94,7 @@ from hf_cblr.optim.partitioned import check_zero_support
 from hf_cblr.optim.registry import get_optimizer_info
 from hf_cblr.trainer.arguments import CBLRTrainingArguments
 from hf_cblr.trainer.batch_schedule import (
+    FullBatch,
     ScheduledBatchSampler,
     batch_size_plan,
     consumed_samples,
@@ -102,6 +107,9 @@ if is_datasets_available():
     import datasets
 
 RNGState = tuple[Tensor, Tensor | None]
+GROUP_BY_LENGTH = "group_by_length"
+#: The ``train_sampling_strategy`` values that the batch-size plan's sampler follows.
+SAMPLING_STRATEGIES = ("random", "sequential", GROUP_BY_LENGTH)
 
 
 @dataclass
@@ -190,6 +198,8 @@ class CBLRTrainer(Trainer):
         #: (registry name, kwargs) of the DeepSpeed config's hf_cblr "optimizer" section, taken out of the config
         self._config_optimizer = self._pop_deepspeed_optimizer_section() if self.is_deepspeed_enabled else None
         self._schedule = self.args.parsed_batch_size_schedule()
+        if self._schedule is None and self.args.train_sampling_strategy == GROUP_BY_LENGTH:
+            self._schedule = FullBatch()  # our sampler: random global batches cut into length-sorted micro-batches
         self._plan: list[int] | None = None
         self._consumed: list[int] = [0]
         self._step_state: _StepState | None = None
@@ -263,9 +273,9 @@ class CBLRTrainer(Trainer):
         if self.train_dataset is not None and (isinstance(self.train_dataset, IterableDataset)
                                                or not hasattr(self.train_dataset, "__len__")):
             raise ValueError("batch_size_schedule needs a training set with a length (not an IterableDataset)")
-        if self.args.train_sampling_strategy not in ("random", "sequential"):
+        if self.args.train_sampling_strategy not in SAMPLING_STRATEGIES:
             raise ValueError(f"batch_size_schedule samples its own batches: train_sampling_strategy="
-                             f"{self.args.train_sampling_strategy!r} is not supported; valid values: ['random', 'sequential']")
+                             f"{self.args.train_sampling_strategy!r} is not supported; valid values: {list(SAMPLING_STRATEGIES)}")
         if self.args.accelerator_config.split_batches:
             raise ValueError("batch_size_schedule needs accelerator_config.split_batches=False")
         if self.args.ignore_data_skip:
@@ -341,6 +351,8 @@ class CBLRTrainer(Trainer):
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
         dataset, collator = self.train_dataset, self.data_collator
+        strategy = self.args.train_sampling_strategy
+        lengths = self._sample_lengths(dataset) if strategy == GROUP_BY_LENGTH else None
         if is_datasets_available() and isinstance(dataset, datasets.Dataset):
             dataset = self._remove_unused_columns(dataset, description="Training")
         else:
@@ -355,7 +367,7 @@ class CBLRTrainer(Trainer):
         self._schedule_callback.configure(self._plan, len(dataset))
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         sampler = ScheduledBatchSampler(len(dataset), self._plan, full // self._train_batch_size, seed=seed,
-                                        shuffle=self.args.train_sampling_strategy == "random")
+                                        shuffle=strategy != "sequential", lengths=lengths)
         dataloader = DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -369,6 +381,22 @@ class CBLRTrainer(Trainer):
             worker_init_fn=partial(seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index),
         )
         return self.accelerator.prepare(dataloader)
+
+    def _sample_lengths(self, dataset: Any) -> list[int]:
+        """The token count of every training sample: the dataset's ``length_column_name`` column, else the length
+        of its first model input (as transformers' ``LengthGroupedSampler``)."""
+        column = self.args.length_column_name
+        if is_datasets_available() and isinstance(dataset, datasets.Dataset) and column in dataset.column_names:
+            return [int(length) for length in dataset[column]]
+        names = getattr(self.processing_class, "model_input_names", None) or ["input_ids"]
+        key = names[0]
+        first = dataset[0]
+        if not isinstance(first, Mapping) or key not in first:
+            raise ValueError(f"train_sampling_strategy='group_by_length' needs each sample's length: the training set has "
+                             f"no {column!r} column and its samples no {key!r}")
+        if is_datasets_available() and isinstance(dataset, datasets.Dataset):
+            return [len(ids) for ids in dataset[key]]
+        return [len(dataset[i][key]) for i in range(len(dataset))]
 
     def set_initial_training_values(self, args: TrainingArguments, dataloader: DataLoader) -> tuple[Any, ...]:
         """Under a schedule: one loop epoch of ``len(plan)`` steps (``state.epoch`` is kept in data epochs)."""
