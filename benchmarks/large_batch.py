@@ -305,7 +305,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         budgets = [run.get("within_budget") for run in runs]
         summary.append({
             "label": row["cell"].get("label", row["cell"]["optim"]), "cell": row["cell"], "batch": row["cell"]["batch"],
-            "lr": row["cell"].get("learning_rate"), "mean": mean, "std": std, "seeds": sorted(run["cell"].get("seed", 0) for run in runs),
+            "lr": row["cell"].get("learning_rate"), "mean": mean, "std": std,
+            "seeds": sorted(run["cell"].get("seed", 0) for run in runs),
             "accuracies": [run["dev_accuracy"] for run in runs], "steps": max(run["steps"] for run in runs),
             "work": max(run["work"] for run in runs), "diverged": sum(run["diverged"] for run in runs),
             "within_budget": None if budgets[0] is None else all(budgets),
@@ -321,7 +322,7 @@ def options_of(cell: dict[str, Any]) -> str:
 
 
 def format_table(summary: Sequence[dict[str, Any]]) -> str:
-    lines = [f"| label | batch | lr | options | dev (mean ± std) | seeds | steps | work | s/run | budget |",
+    lines = ["| label | batch | lr | options | dev (mean ± std) | seeds | steps | work | s/run | budget |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary:
         accuracies = ", ".join(f"{value:.3f}" for value in row["accuracies"])
@@ -387,7 +388,8 @@ def plot(summary: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
 def machine() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+    cpu = f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     return f"{device}; torch {torch.__version__}; commit {commit or 'unknown'}"
 
 

@@ -296,12 +296,20 @@ def load_model_and_tokenizer(model_args: ModelArguments, label_names: list[str]
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
     if model_args.tiny_model:
-        return AutoModelForSequenceClassification.from_config(config), tokenizer, None, "a small BERT config"
-    model = AutoModelForSequenceClassification.from_pretrained(source, config=config)
+        return _mean_loss(AutoModelForSequenceClassification.from_config(config)), tokenizer, None, "a small BERT config"
+    model = _mean_loss(AutoModelForSequenceClassification.from_pretrained(source, config=config))
     if model_args.model_name_or_path is None:
         return model, tokenizer, MINILM_HUB_ID, source
     is_local = Path(source).exists()
     return model, tokenizer, None if is_local else source, source
+
+
+def _mean_loss(model: PreTrainedModel) -> PreTrainedModel:
+    """A sequence classifier's loss is the mean over its micro-batch whatever ``num_items_in_batch`` says; its forward
+    takes ``**kwargs`` (transformers 5), so the Trainer would neither divide the loss by the accumulation steps nor
+    notice: with ``gradient_accumulation_steps = k`` it would train on k times the mean gradient. Say so."""
+    model.accepts_loss_kwargs = False
+    return model
 
 
 def init_deepspeed_comm_on_cpu(training_args: CBLRTrainingArguments) -> None:

@@ -131,3 +131,16 @@ def test_accelerate_shards_give_each_rank_its_micro_batches(world_size: int) -> 
                 expected = chunks[(step * accumulation + micro) * world_size + rank]
                 assert shard[step * accumulation + micro] == expected
                 assert len(expected) == plan[step] // (world_size * accumulation)
+
+
+def test_sampler_with_lengths_sorts_each_global_batch_and_keeps_its_samples() -> None:
+    lengths = [(7 * i) % 11 for i in range(20)]
+    plan = [8, 8, 8, 8, 8]
+    plain = list(ScheduledBatchSampler(20, plan, chunks_per_step=2, seed=1))
+    grouped = list(ScheduledBatchSampler(20, plan, chunks_per_step=2, seed=1, lengths=lengths))
+    for step in range(len(plan)):
+        plain_step, grouped_step = plain[2 * step] + plain[2 * step + 1], grouped[2 * step] + grouped[2 * step + 1]
+        assert sorted(plain_step) == sorted(grouped_step)
+        assert [lengths[i] for i in grouped_step] == sorted((lengths[i] for i in grouped_step), reverse=True)
+    with pytest.raises(ValueError, match="lengths has 3 entries for 20 samples"):
+        ScheduledBatchSampler(20, plan, chunks_per_step=2, lengths=[1, 2, 3])

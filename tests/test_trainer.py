@@ -16,6 +16,7 @@ from workers.tiny import IndexedDataset, kept_mean_gradient, sample_indices, tin
 
 from hf_cblr import CBLR
 from hf_cblr.trainer import CBLRTrainer, CBLRTrainingArguments
+from hf_cblr.trainer.batch_schedule import ScheduledBatchSampler
 
 
 def _args(tmp_path: Path, **kwargs: Any) -> CBLRTrainingArguments:
@@ -201,3 +202,34 @@ def _curvatures(optimizer: CBLR) -> dict[str, float]:
 def test_closure_is_supplied_every_update_interval_steps(tmp_path: Path) -> None:
     _, forwards = _curvature_run(tmp_path, "fd", max_steps=3)
     assert forwards == 3 * 2 + 2 * 2  # closures at steps 1 and 3 (update_interval=2), 2 micro-batches each
+
+
+class VariableLengthDataset(IndexedDataset):
+    """Sample ``i`` keeps its first ``2 + (5 i) % 7`` tokens."""
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(index)
+        return {**item, "input_ids": item["input_ids"][: 2 + (5 * index) % 7]}
+
+
+def _pad(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    ids = torch.nn.utils.rnn.pad_sequence([sample["input_ids"] for sample in samples], batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(sample["input_ids"]) for sample in samples], batch_first=True)
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([sample["labels"] for sample in samples])}
+
+
+def test_group_by_length_cuts_random_global_batches_into_length_sorted_micro_batches(tmp_path: Path) -> None:
+    """Without a schedule too: every step's samples are the random stream's, its micro-batches in decreasing length."""
+    dataset = VariableLengthDataset(24, length=8)
+    args = _args(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=4, num_train_epochs=2,
+                 train_sampling_strategy="group_by_length", seed=5)
+    trainer = RecordingTrainer(model=tiny_bert(), args=args, train_dataset=dataset, data_collator=_pad)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    stream = ScheduledBatchSampler(24, [12] * 4, 4, seed=5)
+    expected = [[i for chunk in chunks for i in chunk] for chunks in zip(*[iter(stream)] * 4, strict=True)]
+    for step in range(4):
+        samples = [i for micro in trainer.micro_batches[step] for i in micro]
+        assert sorted(samples) == sorted(expected[step])
+        lengths = [2 + (5 * i) % 7 for i in samples]
+        assert lengths == sorted(lengths, reverse=True)

@@ -202,6 +202,7 @@ class CBLR(Optimizer):
         super().add_param_group(param_group)
         validate_group(self.param_groups[-1])
         group = self.param_groups[-1]
+        self.estimator.watch(group["params"])
         self._partitioned.record(group, len(self.param_groups) - 1,
                                  [_in_mask(group["adaptation_mask"], layer_ndim(param)) for param in group["params"]])
 
@@ -351,7 +352,7 @@ class CBLR(Optimizer):
         ops.addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
         direction = ops.sqrt(exp_avg_sqs, outs=batch.workspace)
         ops.add_scalars_(direction, [batch.group["eps"] * c2 for c2 in sqrt_bias_corrections2])
-        if self.curvature == "secant":
+        if self.estimator.needs_preconditioner_gains:
             ops.divide_into_(exp_avgs, direction)
             grad_norms, momentum_norms, q_norms = ops.norms(grads + exp_avgs + direction).split(len(batch))
             gains = torch.tensor(sqrt_bias_corrections2, device=momentum_norms.device) * q_norms / momentum_norms

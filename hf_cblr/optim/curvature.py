@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import partial
 from itertools import chain, pairwise
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -90,6 +91,8 @@ class LayerBatch:
     workspace: list[Tensor | None] = field(default_factory=list, metadata=PER_LAYER_RESULT)
     #: Secant estimators: ``|g_t - g_{t-1}|`` per layer, NaN where there is no previous gradient.
     grad_change_norms: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
+    #: Denoised secant: the gradient's noise variance as a fraction of ``|g|^2`` per layer, NaN where unknown.
+    grad_noise_fractions: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
 
     def __post_init__(self) -> None:
         if not self.workspace:
@@ -167,6 +170,10 @@ class CurvatureEstimator:
     elementwise: ClassVar[bool] = False
     #: Per-layer state holding one value per sampled element (under ZeRO: per sampled element of the fragment).
     sample_state_keys: ClassVar[tuple[str, ...]] = ()
+    #: Reads ``batch.preconditioner_gains`` (the Adam base then computes them).
+    needs_preconditioner_gains: ClassVar[bool] = False
+    #: Runs on DeepSpeed ZeRO's flat partitions.
+    supports_partitions: ClassVar[bool] = True
 
     def __init__(self, *, aggregate: str = "mean", sample_size: int | None = 4096, seed: int = 0,
                  fd_step: float = 1e-3) -> None:
@@ -174,6 +181,9 @@ class CurvatureEstimator:
         self.sample_size = sample_size
         self.seed = seed
         self.fd_step = fd_step
+
+    def watch(self, params: list[Tensor]) -> None:
+        """Called with the parameters of every param group as it is added: an estimator may hook them here."""
 
     def before_direction(self, batch: LayerBatch) -> None:
         """Called with each batch before the base direction is formed. An estimator may measure here what
@@ -264,6 +274,7 @@ class SecantCurvature(CurvatureEstimator):
     """
 
     name = "secant"
+    needs_preconditioner_gains = True
 
     def before_direction(self, batch: LayerBatch) -> None:
         has_previous = [i for i, state in enumerate(batch.states) if "prev_grad" in state]
@@ -290,6 +301,104 @@ class SecantCurvature(CurvatureEstimator):
         for i, state in enumerate(batch.states):
             if "prev_grad" not in state:
                 state["prev_grad"] = batch.grads[i].detach().clone(memory_format=torch.preserve_format)
+
+
+class _MicroBatchNorms:
+    """One parameter's squared gradient norms over the backward passes of the current step."""
+
+    __slots__ = ("count", "last", "pending", "total")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending: Tensor | None = None
+        self.total: Tensor | float = 0.0  # sum over backward passes of |h_k|^2
+        self.last: Tensor | float = 0.0  # |sum_k h_k|^2: .grad after the last pass
+        self.count = 0
+
+
+@register_curvature_estimator
+class DenoisedSecantCurvature(SecantCurvature):
+    r"""The secant with the gradient noise taken out of :math:`\|g_t - g_{t-1}\|^2`:
+
+    .. math::
+
+        c = p\, \frac{\sqrt{\|g_t - g_{t-1}\|^2 - V_t - V_{t-1}}}{\|w_t - w_{t-1}\|} + \beta,
+        \qquad V = \|g\|^2\, \frac{M \rho - 1}{M - 1},\quad
+        \rho = \frac{\sum_k \|h_k\|^2}{\|\sum_k h_k\|^2}
+
+    where :math:`h_1 .. h_M` are what the step's :math:`M` backward passes (its accumulated micro-batches)
+    added to the layer's ``.grad``. Two mini-batch gradients differ by the curvature along the step *and*
+    by sampling noise: :math:`E\|g_t - g_{t-1}\|^2 = \|\bar g_t - \bar g_{t-1}\|^2 + V_t + V_{t-1}` with
+    :math:`V = E\|g - \bar g\|^2`. With i.i.d. micro-batches :math:`V` is estimated without bias from their
+    spread (``docs/algorithm.md``, "The denoised secant"). Where what is left is not positive the layer
+    has no estimate this step (its smoothed curvature is kept). The plain secant divides noise by the step
+    length, so its curvature grows as the rates shrink and the rates collapse; this one does not.
+
+    The norms come from hooks on the parameters (``register_hook`` for each pass's :math:`h_k`,
+    ``register_post_accumulate_grad_hook`` for ``.grad``): a pass counts only when it accumulates into
+    ``.grad``, so ``torch.autograd.grad`` calls (closures, probes) do not. :math:`\rho` is a ratio, so loss
+    scaling and gradient clipping between backward and step change nothing. A step needs at least two
+    backward passes (gradient accumulation); with one the layer has no estimate. One process (the hooks
+    see a rank's local gradients): not supported on DeepSpeed ZeRO partitions.
+    """
+
+    name = "secant_denoised"
+    supports_partitions = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._norms: dict[int, _MicroBatchNorms] = {}
+
+    def watch(self, params: list[Tensor]) -> None:
+        for param in params:
+            if param.requires_grad and id(param) not in self._norms:
+                norms = self._norms[id(param)] = _MicroBatchNorms()
+                param.register_hook(partial(_record_pass, norms))
+                param.register_post_accumulate_grad_hook(partial(_commit_pass, norms))
+
+    def before_direction(self, batch: LayerBatch) -> None:
+        super().before_direction(batch)
+        noise = batch.no_estimates()
+        for i, param in enumerate(batch.params):
+            norms = self._norms.get(id(param))
+            if norms is not None and norms.count >= 2:
+                ratio = torch.as_tensor(norms.total / norms.last, dtype=torch.float32, device=noise.device)
+                noise[i] = ratio.mul(norms.count).sub(1).div(norms.count - 1).clamp(min=0)  # times |g|^2 in estimate
+            if norms is not None:
+                norms.reset()
+        batch.grad_noise_fractions = noise
+
+    def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
+        estimates = []
+        for batch in batches:
+            noise = batch.grad_noise_fractions * batch.grad_norms.square()
+            previous = torch.stack([state.get("grad_noise", torch.tensor(math.nan, device=noise.device))
+                                    for state in batch.states])
+            signal = batch.grad_change_norms.square() - noise - previous
+            step_norms = torch.stack([state["update_norm"] for state in batch.states])
+            gains = batch.preconditioner_gains if batch.second_moments is not None else 1.0
+            secants = gains * signal.clamp(min=0).sqrt() / step_norms + batch.decay
+            estimates.append(_nan_where(secants, (step_norms == 0) | ~(signal > noise + previous)))
+            for state, value, known in zip(batch.states, noise, noise.isfinite().tolist(), strict=True):
+                if known:
+                    state["grad_noise"] = value.clone()
+                else:
+                    state.pop("grad_noise", None)
+        return estimates
+
+
+def _record_pass(norms: _MicroBatchNorms, grad: Tensor) -> None:
+    norms.pending = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
+
+
+def _commit_pass(norms: _MicroBatchNorms, param: Tensor) -> None:
+    if norms.pending is not None and param.grad is not None:
+        norms.total = norms.total + norms.pending
+        norms.last = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).square()
+        norms.count += 1
+        norms.pending = None
 
 
 class FragmentSample(NamedTuple):

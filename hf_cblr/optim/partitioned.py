@@ -458,6 +458,11 @@ def _store_layer_states(stored: dict[str, Any], partition: Partition, row_keys: 
 def check_zero_support(optimizer: CBLR) -> None:
     """Raise ``NotImplementedError`` for an estimator that cannot run on ZeRO partitions, saying what to use."""
     estimator = optimizer.estimator
+    if not estimator.supports_partitions:
+        raise NotImplementedError(
+            f"curvature={estimator.name!r} is not supported under DeepSpeed ZeRO: it reads each backward pass's gradient "
+            "of the model's parameters, which ZeRO reduces into its own partitions; use curvature='secant' or 'weight_norm'"
+        )
     if estimator.needs_closure:
         raise NotImplementedError(
             f"curvature={estimator.name!r} is not supported under DeepSpeed ZeRO: it needs optimizer.step(closure) and "
