@@ -53,6 +53,8 @@ from torch import nn
 
 #: Cell keys that are not ``CBLRTrainingArguments`` fields.
 HARNESS_KEYS = ("batch", "label", "probe_interval")
+#: Per weight matrix of a run, in its folder: the displacement of training (:func:`weight_displacement`).
+DISPLACEMENT_FILE = "weight_displacement.json"
 #: A dev accuracy below this (or a non-finite training loss) marks a run as diverged.
 DIVERGED_ACCURACY = 0.6
 
@@ -260,6 +262,7 @@ def run_cell(cell: dict[str, Any], profile: Profile, data: Data, model_factory: 
     # divide it by the accumulation steps (it does not when the forward takes **kwargs, as BERT's does in 5.x).
     model.accepts_loss_kwargs = False
     counter = WorkCounter(model)
+    initial = {name: param.detach().clone() for name, param in model.named_parameters() if param.ndim > 1}
     trainer = CBLRTrainer(model=model, args=args, train_dataset=data.train, processing_class=data.tokenizer,
                           data_collator=DataCollatorWithPadding(data.tokenizer))
     trainer.remove_callback(PrinterCallback)
@@ -279,12 +282,29 @@ def run_cell(cell: dict[str, Any], profile: Profile, data: Data, model_factory: 
     final_loss = losses[-1] if losses else result.training_loss
     diverged = not all(math.isfinite(loss) for loss in losses) or metrics["dev_accuracy"] < DIVERGED_ACCURACY
     probes = run_dir / PROBES_FILE
+    displacement = weight_displacement(initial, dict(model.named_parameters()))
+    (run_dir / DISPLACEMENT_FILE).write_text(json.dumps(displacement))
     return {
         "key": cell_key(cell), "cell": cell, "name": cell_name(cell), **metrics, "train_loss": final_loss,
         "losses": losses, "steps": steps, "samples": samples, "work": round(work, 4), "diverged": diverged,
         **budget_check(profile, int(cell["batch"]), steps, samples, work, len(data.train)),
         "seconds": round(seconds, 1), "probes": str(probes) if probes.is_file() else None,
+        "displacement": {key: statistics.median(layer[key] for layer in displacement.values())
+                         for key in ("relative_distance", "cos_to_origin")},
     }
+
+
+def weight_displacement(initial: dict[str, torch.Tensor], final: dict[str, nn.Parameter]) -> dict[str, dict[str, float]]:
+    r"""Per weight matrix, how training moved it: :math:`\|w_T - w_0\| / \|w_0\|` and the cosine between the move and
+    :math:`-w_0`, the direction to the origin. Where a layer's minimum were at the origin (the reading behind LARS's and
+    LAMB's :math:`c = \|g\| / \|w\|`), the move would point there: cosine near 1."""
+    result = {}
+    for name, start in initial.items():
+        move = final[name].detach().float() - start.float()
+        norm, move_norm = float(start.norm()), float(move.norm())
+        cosine = float(-(move * start).sum()) / (move_norm * norm) if move_norm and norm else math.nan
+        result[name] = {"relative_distance": move_norm / norm if norm else math.nan, "cos_to_origin": cosine}
+    return result
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -384,6 +404,63 @@ def plot(summary: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
+STRUCTURE_METRICS = ("grad_norm", "update_norm", "abs_loss_change", "curvature")
+
+
+def structure(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run with probes: the median over its probe steps of the totals of :data:`STRUCTURE_METRICS` and, where
+    the optimizer reports it, of the median over layers of its per-layer curvature ``layer_curvature``."""
+    rows = []
+    for result in results:
+        if not result.get("probes") or not Path(result["probes"]).is_file():
+            continue
+        records = [json.loads(line) for line in Path(result["probes"]).read_text().splitlines() if line.strip()]
+        row: dict[str, Any] = {"label": result["cell"].get("label", result["cell"]["optim"]), "batch": result["cell"]["batch"],
+                               "lr": result["cell"].get("learning_rate"), "seed": result["cell"].get("seed", 0)}
+        for metric in STRUCTURE_METRICS:
+            values = [record["total"].get(metric) for record in records]
+            values = [value for value in values if value is not None]
+            row[metric] = statistics.median(values) if values else None
+        layer_curvatures = [statistics.median(curvatures) for record in records
+                            if (curvatures := [layer["curvature"] for layer in record["layers"].values()
+                                               if layer.get("curvature")])]
+        row["layer_curvature"] = statistics.median(layer_curvatures) if layer_curvatures else None
+        rows.append(row)
+    return sorted(rows, key=lambda row: (row["label"], row["batch"], row["lr"] or 0, row["seed"]))
+
+
+def plot_structure(rows: Sequence[dict[str, Any]], out_dir: Path) -> Path:
+    """``structure.png``: each metric of :func:`structure` against the batch size, a line per optimizer and lr."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [*STRUCTURE_METRICS, "layer_curvature"]
+    titles = {"grad_norm": "gradient norm |g|", "update_norm": "update step length |Δw|",
+              "abs_loss_change": "loss-update step |ΔL| (probe batch)", "curvature": "curvature along the update κ",
+              "layer_curvature": "per-layer curvature c_l (median layer)"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
+    lines: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for row in rows:
+        lines.setdefault((row["label"], row["lr"]), []).append(row)
+    for ax, metric in zip(axes, metrics, strict=True):
+        for (label, lr), members in sorted(lines.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+            points = sorted((row["batch"], row[metric]) for row in members if row[metric] is not None)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=f"{label} lr={lr}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("global batch size")
+        ax.set_title(titles[metric], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("median over probe steps")
+    axes[0].legend(fontsize=6)
+    path = out_dir / "structure.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 # -- main -----------------------------------------------------------------------------------------------
 def machine() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -448,6 +525,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         print(format_table(summary))
         for path in plot(summary, args.out):
             print(f"wrote {path}")
+    rows = structure([result for result in results if result["key"] in keys])
+    if rows:
+        print("\nStructure (median over probe steps):")
+        print("| optimizer | batch | lr | seed | " + " | ".join(STRUCTURE_METRICS) + " | layer_curvature |")
+        print("|---|---|---|---|" + "---|" * (len(STRUCTURE_METRICS) + 1))
+        for row in rows:
+            values = " | ".join("" if row[key] is None else f"{row[key]:.4g}" for key in (*STRUCTURE_METRICS, "layer_curvature"))
+            print(f"| {row['label']} | {row['batch']} | {row['lr']} | {row['seed']} | {values} |")
+        print(f"wrote {plot_structure(rows, args.out)}")
     return results
 
 

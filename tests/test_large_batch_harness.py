@@ -108,6 +108,10 @@ def test_a_cell_trains_through_the_trainer_and_counts_its_work(tiny_model_and_da
     assert result["within_budget"] is False and result["budget_violations"] == ["6 steps > 4"]
     assert 0.0 <= result["dev_accuracy"] <= 1.0 and math.isfinite(result["dev_loss"]) and len(result["losses"]) == 6
     assert Path(result["probes"]).is_file()
+    (row,) = large_batch.structure([result])  # probes at steps 2, 4, 6, with our optimizer's per-layer curvature
+    assert row["batch"] == 16 and row["update_norm"] > 0 and row["grad_norm"] > 0 and row["abs_loss_change"] >= 0
+    assert large_batch.plot_structure([row], tmp_path).is_file()
+    assert 0 < result["displacement"]["relative_distance"] < 1 and -1 <= result["displacement"]["cos_to_origin"] <= 1
 
 
 def test_the_harness_resumes_and_reports(tiny_model_and_data: Path, tmp_path: Path,
