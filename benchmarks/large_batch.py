@@ -416,7 +416,8 @@ def structure(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         records = [json.loads(line) for line in Path(result["probes"]).read_text().splitlines() if line.strip()]
         row: dict[str, Any] = {"label": result["cell"].get("label", result["cell"]["optim"]), "batch": result["cell"]["batch"],
-                               "lr": result["cell"].get("learning_rate"), "seed": result["cell"].get("seed", 0)}
+                               "lr": result["cell"].get("learning_rate"), "seed": result["cell"].get("seed", 0),
+                               "dev_accuracy": result["dev_accuracy"]}
         for metric in STRUCTURE_METRICS:
             values = [record["total"].get(metric) for record in records]
             values = [value for value in values if value is not None]
@@ -430,7 +431,8 @@ def structure(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_structure(rows: Sequence[dict[str, Any]], out_dir: Path) -> Path:
-    """``structure.png``: each metric of :func:`structure` against the batch size, a line per optimizer and lr."""
+    """``structure.png``: each metric of :func:`structure` against the batch size; a line per optimizer through its
+    best run (by dev accuracy) at each batch size, its other runs (other lrs and seeds) as small points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -441,14 +443,21 @@ def plot_structure(rows: Sequence[dict[str, Any]], out_dir: Path) -> Path:
               "abs_loss_change": "loss-update step |ΔL| (probe batch)", "curvature": "curvature along the update κ",
               "layer_curvature": "per-layer curvature c_l (median layer)"}
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
-    lines: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    best: dict[str, dict[int, dict[str, Any]]] = {}
     for row in rows:
-        lines.setdefault((row["label"], row["lr"]), []).append(row)
+        by_batch = best.setdefault(row["label"], {})
+        if row["batch"] not in by_batch or row["dev_accuracy"] > by_batch[row["batch"]]["dev_accuracy"]:
+            by_batch[row["batch"]] = row
     for ax, metric in zip(axes, metrics, strict=True):
-        for (label, lr), members in sorted(lines.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
-            points = sorted((row["batch"], row[metric]) for row in members if row[metric] is not None)
+        for label, by_batch in sorted(best.items()):
+            points = sorted((batch, row[metric]) for batch, row in by_batch.items() if row[metric] is not None)
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=f"{label} lr={lr}")
+                lrs = ", ".join(f"{by_batch[batch]['lr']:g}" for batch, _ in points)
+                line, = ax.plot(*zip(*points, strict=True), marker="o", label=f"{label} (best lr: {lrs})")
+                others = [(row["batch"], row[metric]) for row in rows if row["label"] == label and row[metric] is not None
+                          and row is not by_batch[row["batch"]]]
+                if others:
+                    ax.scatter(*zip(*others, strict=True), s=8, color=line.get_color(), alpha=0.4)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("global batch size")
         ax.set_title(titles[metric], fontsize=9)

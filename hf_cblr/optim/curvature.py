@@ -18,6 +18,7 @@ Add an estimator by subclassing :class:`CurvatureEstimator` and decorating it wi
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -306,7 +307,7 @@ class SecantCurvature(CurvatureEstimator):
 class _MicroBatchNorms:
     """One parameter's squared gradient norms over the backward passes of the current step."""
 
-    __slots__ = ("count", "last", "pending", "total")
+    __slots__ = ("__weakref__", "count", "last", "pending", "total")
 
     def __init__(self) -> None:
         self.reset()
@@ -355,8 +356,9 @@ class DenoisedSecantCurvature(SecantCurvature):
         for param in params:
             if param.requires_grad and id(param) not in self._norms:
                 norms = self._norms[id(param)] = _MicroBatchNorms()
-                param.register_hook(partial(_record_pass, norms))
-                param.register_post_accumulate_grad_hook(partial(_commit_pass, norms))
+                # Weak references: once the optimizer is gone, its hooks do nothing.
+                param.register_hook(partial(_record_pass, weakref.ref(norms)))
+                param.register_post_accumulate_grad_hook(partial(_commit_pass, weakref.ref(norms)))
 
     def before_direction(self, batch: LayerBatch) -> None:
         super().before_direction(batch)
@@ -389,12 +391,15 @@ class DenoisedSecantCurvature(SecantCurvature):
         return estimates
 
 
-def _record_pass(norms: _MicroBatchNorms, grad: Tensor) -> None:
-    norms.pending = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
+def _record_pass(reference: weakref.ref[_MicroBatchNorms], grad: Tensor) -> None:
+    norms = reference()
+    if norms is not None:
+        norms.pending = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
 
 
-def _commit_pass(norms: _MicroBatchNorms, param: Tensor) -> None:
-    if norms.pending is not None and param.grad is not None:
+def _commit_pass(reference: weakref.ref[_MicroBatchNorms], param: Tensor) -> None:
+    norms = reference()
+    if norms is not None and norms.pending is not None and param.grad is not None:
         norms.total = norms.total + norms.pending
         norms.last = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).square()
         norms.count += 1
