@@ -131,3 +131,10 @@ def test_the_harness_resumes_and_reports(tiny_model_and_data: Path, tmp_path: Pa
     lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     assert [json.loads(line)["cell"]["seed"] for line in lines] == [0, 1, 2] and len(second) == 3
     assert (tmp_path / "out" / "lr_window.png").is_file() and (tmp_path / "out" / "batch_size.png").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip where CUDA is missing")
+def test_the_gpu_profile_runs_nothing_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    grid = Path(__file__).parents[1] / "benchmarks" / "grids" / "gpu.yaml"
+    assert large_batch.main([str(grid), "--profile", "gpu", "--data_dir", str(tmp_path), "--out", str(tmp_path)]) == []
+    assert "needs CUDA, which this machine does not have: nothing run" in capsys.readouterr().out
