@@ -142,7 +142,7 @@ def test_trainer_with_a_deepspeed_config_matches_single_process(tmp_path: Path) 
 
 def test_offload_that_forces_deepspeed_cpu_adam_is_refused() -> None:
     config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": True,
-              "optimizer": {"type": "CBLR", "params": {"lr": 0.1}}}
+              "optimizer": {"type": "CBLR", "params": {"lr": 0.1, "curvature": "secant"}}}
     with pytest.raises(ValueError, match="zero_force_ds_cpu_optimizer"):
         zero.initialize(worker.build_model(), config)
 

@@ -186,7 +186,7 @@ def cblr_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     output_dir = tmp_path_factory.mktemp("cblr_run")
     model = tiny_bert()
     dataset = ListDataset(make_examples(32, seed=0))
-    optimizer = CBLR(model.parameters(), lr=0.05, momentum=0.9, trust=0.01)
+    optimizer = CBLR(model.parameters(), lr=0.05, momentum=0.9, trust=0.01, curvature="secant")  # one backward per step
     probe = StructureProbeCallback(probe_interval=2, log_per_layer=True)
     recorder, spy = Recorder({2, 4, 6}), LogSpy()
     trainer = Trainer(model=model, args=training_args(output_dir, max_steps=6), train_dataset=dataset,

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
     from hf_cblr.optim.partitioned import LayerFragment
 
 BASES = ("sgd", "adam")
+#: ``trust`` when none is given, per base, chosen with the default ``curvature`` (``docs/study.md``): on the SGD base
+#: with ``lr = 0.1`` a layer takes 1% of its Newton step; on the Adam base the value that fine-tunes MiniLM on SST-2
+#: at batch 1024 with AdamW's ``lr = 5e-4``.
+DEFAULT_TRUST = {"sgd": 0.1, "adam": 3000.0}
 #: ``state_dict()[SETTINGS_KEY]``: the settings the saved state belongs to (:meth:`CBLR._estimator_settings`).
 SETTINGS_KEY = "hf_cblr"
 
@@ -100,11 +104,13 @@ class CBLR(Optimizer):
             base direction.
         momentum, dampening, nesterov: momentum SGD, as ``torch.optim.SGD`` (SGD base only).
         weight_decay: :math:`\beta`, inside the direction (coupled for SGD, decoupled AdamW-style for Adam).
-        trust: :math:`\tau`, the numerator of the layer rate :math:`r_l = \tau / c_l`.
+        trust: :math:`\tau`, the numerator of the layer rate :math:`r_l = \tau / c_l`; :math:`\eta\tau` is the
+            fraction of the layer's Newton step taken. Default (None): :data:`DEFAULT_TRUST` of the base.
         curvature: estimator name, one of :data:`~hf_cblr.optim.curvature.CURVATURE_ESTIMATORS`:
-            ``secant`` (default), ``secant_elementwise``, ``weight_norm``, ``hvp``, ``fd``, ``hutchinson``.
-            On the Adam base, fine-tuning a transformer, the stochastic ``secant`` collapsed the rates
-            at every trust tried and ``fd`` matched AdamW (``docs/benchmarks.md``, "Defaults").
+            ``secant_denoised`` (default), ``secant``, ``secant_elementwise``, ``weight_norm``, ``hvp``, ``fd``,
+            ``hutchinson``. The plain stochastic ``secant`` collapses the rates when fine-tuning a transformer
+            (``docs/algorithm.md``, §4 and §8); ``secant_denoised`` needs two or more backward passes per
+            step (gradient accumulation) and is not supported under DeepSpeed ZeRO.
         aggregate: ``mean`` or ``median`` of per-element curvatures (element-wise estimators).
         curvature_ema: :math:`\alpha`, the EMA factor smoothing the estimates (0: no smoothing).
         curvature_eps: :math:`\epsilon_c`, added to the curvature in the rate's denominator.
@@ -142,8 +148,8 @@ class CBLR(Optimizer):
         dampening: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
-        trust: float = 0.1,
-        curvature: str = "secant",
+        trust: float | None = None,
+        curvature: str = "secant_denoised",
         aggregate: str = "mean",
         curvature_ema: float = 0.9,
         curvature_eps: float = 1e-8,
@@ -173,6 +179,8 @@ class CBLR(Optimizer):
         if foreach not in (None, True, False):
             raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
         _check_number("fd_step", fd_step, 0.0, math.inf, include_low=False, include_high=False)
+        if trust is None:
+            trust = DEFAULT_TRUST[base]
         self.estimator = create_curvature_estimator(
             curvature, aggregate=aggregate, sample_size=sample_size, seed=seed, fd_step=fd_step
         )

@@ -18,6 +18,7 @@ Add an estimator by subclassing :class:`CurvatureEstimator` and decorating it wi
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -351,6 +352,7 @@ class DenoisedSecantCurvature(SecantCurvature):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._norms: dict[int, _MicroBatchNorms] = {}
+        self._warned = False
 
     def watch(self, params: list[Tensor]) -> None:
         for param in params:
@@ -363,14 +365,24 @@ class DenoisedSecantCurvature(SecantCurvature):
     def before_direction(self, batch: LayerBatch) -> None:
         super().before_direction(batch)
         noise = batch.no_estimates()
+        single_pass = False
         for i, param in enumerate(batch.params):
             norms = self._norms.get(id(param))
             if norms is not None and norms.count >= 2:
                 ratio = torch.as_tensor(norms.total / norms.last, dtype=torch.float32, device=noise.device)
                 noise[i] = ratio.mul(norms.count).sub(1).div(norms.count - 1).clamp(min=0)  # times |g|^2 in estimate
             if norms is not None:
+                single_pass |= norms.count == 1
                 norms.reset()
         batch.grad_noise_fractions = noise
+        if single_pass and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "curvature='secant_denoised' saw a step with one backward pass: it measures the gradient noise from two or "
+                "more (gradient accumulation, micro-batches) and makes no estimate otherwise, so such layers step at rate 1 "
+                "(the base optimizer at lr). Accumulate two or more micro-batches per step, or choose another curvature",
+                stacklevel=2,
+            )
 
     def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
         estimates = []
