@@ -31,6 +31,10 @@ class OptimInfo:
     defaults: dict[str, Any] = field(default_factory=dict)
     #: The base direction: ``sgd`` (momentum SGD) or ``adam``.
     base: str = "sgd"
+    #: The learning rate the docs recommend with the default settings: the best on SST-2 dev at a fixed global batch
+    #: of 1024 in ``docs/study.md`` (None: not measured there). ``configs/recipes/large_batch.yaml`` (a batch ramp)
+    #: takes its own.
+    recommended_lr: float | None = None
 
     def valid_kwargs(self) -> list[str]:
         """Keyword arguments the optimizer accepts (beyond ``params``)."""
@@ -58,11 +62,11 @@ register_optimizer(OptimInfo("mclr", MCLR, "median-curvature layer rate on momen
                              {"base": "sgd"}))
 register_optimizer(OptimInfo("lars", LARS, "LARS = CBLR with the weight-norm curvature, momentum SGD"))
 register_optimizer(OptimInfo("cblr_adam", CBLR, "curvature-based layer rate on the Adam direction",
-                             {"base": "adam"}, base="adam"))
+                             {"base": "adam"}, base="adam", recommended_lr=5e-4))
 register_optimizer(OptimInfo("mclr_adam", MCLR, "median-curvature layer rate on the Adam direction",
-                             {"base": "adam"}, base="adam"))
+                             {"base": "adam"}, base="adam", recommended_lr=5e-4))
 register_optimizer(OptimInfo("lamb", LAMB, "LAMB = CBLR with the weight-norm curvature on the Adam direction",
-                             base="adam"))
+                             base="adam", recommended_lr=5e-3))
 
 
 def list_optimizers() -> list[str]:
