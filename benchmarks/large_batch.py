@@ -408,8 +408,11 @@ STRUCTURE_METRICS = ("grad_norm", "update_norm", "abs_loss_change", "curvature")
 
 
 def structure(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per run with probes: the median over its probe steps of the totals of :data:`STRUCTURE_METRICS` and, where
-    the optimizer reports it, of the median over layers of its per-layer curvature ``layer_curvature``."""
+    r"""Per run with probes: the median over its probe steps of the totals of :data:`STRUCTURE_METRICS`; where the
+    optimizer reports it, of the median over layers of its per-layer curvature ``layer_curvature``; and
+    ``step_position`` :math:`\Delta L / \langle g, \Delta w\rangle` on the probe batch: 1 while the loss is still linear
+    along the step, 1/2 where the step ends at the minimum of the loss's quadratic model along it, 0 or below
+    where it overshoots that minimum to a point as high or higher (the weights oscillate about it)."""
     rows = []
     for result in results:
         if not result.get("probes") or not Path(result["probes"]).is_file():
@@ -417,11 +420,14 @@ def structure(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         records = [json.loads(line) for line in Path(result["probes"]).read_text().splitlines() if line.strip()]
         row: dict[str, Any] = {"label": result["cell"].get("label", result["cell"]["optim"]), "batch": result["cell"]["batch"],
                                "lr": result["cell"].get("learning_rate"), "seed": result["cell"].get("seed", 0),
-                               "dev_accuracy": result["dev_accuracy"]}
+                               "dev_accuracy": result["dev_accuracy"], "options": options_of(result["cell"])}
         for metric in STRUCTURE_METRICS:
             values = [record["total"].get(metric) for record in records]
             values = [value for value in values if value is not None]
             row[metric] = statistics.median(values) if values else None
+        ratios = [record["total"]["loss_change"] / record["total"]["grad_dot_update"] for record in records
+                  if record["total"].get("grad_dot_update")]
+        row["step_position"] = statistics.median(ratios) if ratios else None
         layer_curvatures = [statistics.median(curvatures) for record in records
                             if (curvatures := [layer["curvature"] for layer in record["layers"].values()
                                                if layer.get("curvature")])]
@@ -537,12 +543,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = structure([result for result in results if result["key"] in keys])
     if rows:
         print("\nStructure (median over probe steps):")
-        print("| optimizer | batch | lr | seed | " + " | ".join(STRUCTURE_METRICS) + " | layer_curvature |")
-        print("|---|---|---|---|" + "---|" * (len(STRUCTURE_METRICS) + 1))
+        columns = (*STRUCTURE_METRICS, "layer_curvature", "step_position")
+        print("| optimizer | batch | lr | options | seed | dev | " + " | ".join(columns) + " |")
+        print("|---|---|---|---|---|---|" + "---|" * len(columns))
         for row in rows:
-            values = " | ".join("" if row[key] is None else f"{row[key]:.4g}" for key in (*STRUCTURE_METRICS, "layer_curvature"))
-            print(f"| {row['label']} | {row['batch']} | {row['lr']} | {row['seed']} | {values} |")
+            cells = ("" if row[key] is None else f"{row[key]:.4g}" for key in columns)
+            values = f"{row['dev_accuracy']:.3f} | " + " | ".join(cells)
+            print(f"| {row['label']} | {row['batch']} | {row['lr']} | {row['options']} | {row['seed']} | {values} |")
         print(f"wrote {plot_structure(rows, args.out)}")
+    moved = [result for result in results if result["key"] in keys and result.get("displacement")]
+    if moved:
+        print("\nDisplacement of the weight matrices, |w_T - w_0| / |w_0| and cos(w_T - w_0, -w_0), medians over layers:")
+        print("| run | dev | relative distance | cosine to the origin |\n|---|---|---|---|")
+        for result in sorted(moved, key=lambda result: result["name"]):
+            shift = result["displacement"]
+            print(f"| {result['name']} | {result['dev_accuracy']:.3f} | {shift['relative_distance']:.4f} | "
+                  f"{shift['cos_to_origin']:.3f} |")
     return results
 
 
