@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from transformers import TrainerCallback, TrainingArguments
 from workers.tiny import IndexedDataset, kept_mean_gradient, sample_indices, tiny_bert
 
 from hf_cblr import CBLR
+from hf_cblr.integrations import find_optimizer
 from hf_cblr.trainer import CBLRTrainer, CBLRTrainingArguments
 from hf_cblr.trainer.batch_schedule import ScheduledBatchSampler
 
@@ -233,3 +235,17 @@ def test_group_by_length_cuts_random_global_batches_into_length_sorted_micro_bat
         assert sorted(samples) == sorted(expected[step])
         lengths = [2 + (5 * i) % 7 for i in samples]
         assert lengths == sorted(lengths, reverse=True)
+
+
+def test_the_default_estimator_measures_the_noise_of_the_trainers_accumulated_micro_batches(tmp_path: Path) -> None:
+    """cblr_adam's default secant_denoised through the Trainer: its hooks see the micro-batches of each step (no
+    one-pass warning) and the adapted layers get curvature estimates."""
+    args = _args(tmp_path, optim="cblr_adam", optim_args="trust=30", learning_rate=0.01, per_device_train_batch_size=4,
+                 gradient_accumulation_steps=3, max_steps=6)
+    trainer = CBLRTrainer(model=tiny_bert(), args=args, train_dataset=IndexedDataset(24))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.train()
+    stats = find_optimizer(trainer.optimizer).layer_stats()
+    estimated = [name for name, layer in stats.items() if layer["curvature"] > 0]
+    assert "bert.encoder.layer.0.attention.self.query.weight" in estimated
