@@ -126,7 +126,7 @@ def test_trainer_with_a_deepspeed_config_matches_single_process(tmp_path: Path) 
     trainer_worker = _load("ds_trainer_worker", TRAINER_WORKER)
     run_worker(2, str(tmp_path), script=TRAINER_WORKER)
     args = trainer_worker.training_args(str(tmp_path / "reference"), trainer_worker.GLOBAL_BATCH, optim="cblr",
-                                        optim_args=f"trust={trainer_worker.TRUST}")
+                                        optim_args=f"trust={trainer_worker.TRUST},curvature={trainer_worker.CURVATURE}")
     expected = trainer_worker.train(args)
     for run in trainer_worker.RUNS:
         result = torch.load(tmp_path / f"{run}.pt", weights_only=False)

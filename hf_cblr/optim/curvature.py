@@ -342,8 +342,8 @@ class DenoisedSecantCurvature(SecantCurvature):
     ``register_post_accumulate_grad_hook`` for ``.grad``): a pass counts only when it accumulates into
     ``.grad``, so ``torch.autograd.grad`` calls (closures, probes) do not. :math:`\rho` is a ratio, so loss
     scaling and gradient clipping between backward and step change nothing. A step needs at least two
-    backward passes (gradient accumulation); with one the layer has no estimate. One process (the hooks
-    see a rank's local gradients): not supported on DeepSpeed ZeRO partitions.
+    backward passes (gradient accumulation); with one the layer has no estimate. Under data parallelism
+    the ranks pool their sums (:meth:`before_direction`); not supported on DeepSpeed ZeRO partitions.
     """
 
     name = "secant_denoised"
@@ -363,18 +363,36 @@ class DenoisedSecantCurvature(SecantCurvature):
                 param.register_post_accumulate_grad_hook(partial(_commit_pass, weakref.ref(norms)))
 
     def before_direction(self, batch: LayerBatch) -> None:
+        r"""The noise fractions :math:`V / \|g\|^2` of the batch's layers (NaN where unknown), in ``batch``.
+
+        Under data parallelism (``torch.distributed`` initialized, more than one rank) the hooks see a rank's
+        own passes; the ranks average their sums :math:`\sum_k \|h_k\|^2` and :math:`\|a\|^2 = \|\sum_k h_k\|^2`
+        (one all-reduce), so every rank computes the same rates. With :math:`W` ranks, each rank's gradient has
+        the noise :math:`V_r` of one process, the averaged gradient :math:`V_r / W`, and
+        :math:`E\|a\|^2 = \|\bar g\|^2 + V_r` while :math:`E\|g\|^2 = \|\bar g\|^2 + V_r / W`:
+        the fraction is :math:`(V_r / W) / (\overline{\|a\|^2} - V_r (1 - 1/W))`.
+        """
         super().before_direction(batch)
-        noise = batch.no_estimates()
-        single_pass = False
-        for i, param in enumerate(batch.params):
-            norms = self._norms.get(id(param))
-            if norms is not None and norms.count >= 2:
-                ratio = torch.as_tensor(norms.total / norms.last, dtype=torch.float32, device=noise.device)
-                noise[i] = ratio.mul(norms.count).sub(1).div(norms.count - 1).clamp(min=0)  # times |g|^2 in estimate
-            if norms is not None:
-                single_pass |= norms.count == 1
-                norms.reset()
-        batch.grad_noise_fractions = noise
+        norms = [self._norms.get(id(param)) for param in batch.params]
+        counts = torch.tensor([0 if entry is None else entry.count for entry in norms], dtype=torch.float32)
+        sums = torch.zeros(len(norms), 2, dtype=torch.float32, device=batch.decay.device)
+        for i, entry in enumerate(norms):
+            if entry is not None and entry.count >= 2:
+                sums[i, 0], sums[i, 1] = entry.total, entry.last
+        world_size = _data_parallel_world_size()
+        if world_size > 1:
+            torch.distributed.all_reduce(sums)
+            sums /= world_size
+        totals, lasts = sums.unbind(1)
+        counts = counts.to(sums.device)
+        local_noise = (counts * totals - lasts) / (counts - 1)  # V_r, in the units of the hooks' gradients
+        global_norms = lasts - local_noise * (1 - 1 / world_size)  # |g|^2 in those units
+        fractions = (local_noise / world_size / global_norms).clamp(min=0)
+        batch.grad_noise_fractions = torch.where((counts >= 2) & (global_norms > 0), fractions, math.nan)
+        single_pass = bool((counts == 1).any())
+        for entry in norms:
+            if entry is not None:
+                entry.reset()
         if single_pass and not self._warned:
             self._warned = True
             warnings.warn(
@@ -401,6 +419,11 @@ class DenoisedSecantCurvature(SecantCurvature):
                 else:
                     state.pop("grad_noise", None)
         return estimates
+
+
+def _data_parallel_world_size() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
 
 
 def _record_pass(reference: weakref.ref[_MicroBatchNorms], grad: Tensor) -> None:

@@ -154,8 +154,8 @@ def _train_deepspeed(output_dir: str, config: dict[str, Any], **kwargs: Any) -> 
     optimizer = kwargs.pop("optimizer", None)
     model = kwargs.pop("model", None) or tiny_bert()
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    args = _args(output_dir, optim="cblr", optim_args="trust=0.5", deepspeed=config, per_device_train_batch_size=4,
-                 max_steps=2, **kwargs)
+    args = _args(output_dir, optim="cblr", optim_args="trust=0.5,curvature=secant", deepspeed=config,
+                 per_device_train_batch_size=4, max_steps=2, **kwargs)
     trainer = CBLRTrainer(model=model, args=args, train_dataset=IndexedDataset(16),
                           optimizers=(optimizer, None))
     trainer.train()
@@ -174,7 +174,8 @@ def _train_deepspeed(output_dir: str, config: dict[str, Any], **kwargs: Any) -> 
 def _expect_error(output_dir: str, config: dict[str, Any]) -> str:
     _reset_accelerate_state()
     try:
-        args = _args(output_dir, optim="cblr", deepspeed=config, per_device_train_batch_size=4, max_steps=1)
+        args = _args(output_dir, optim="cblr", optim_args="curvature=secant", deepspeed=config, per_device_train_batch_size=4,
+                     max_steps=1)
         CBLRTrainer(model=tiny_bert(), args=args, train_dataset=IndexedDataset(16)).train()
     except ValueError as error:
         return str(error)
@@ -190,7 +191,7 @@ def _plain_trainer_offload(output_dir: str, prepare: bool) -> dict[str, Any]:
     args = TrainingArguments(output_dir=output_dir, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
                              max_steps=1, per_device_train_batch_size=4, deepspeed=config, ddp_backend="gloo")
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=IndexedDataset(16), callbacks=[OptimizerCheckCallback()],
-                      optimizer_cls_and_kwargs=optimizer_cls_and_kwargs("cblr", training_args=args))
+                      optimizer_cls_and_kwargs=optimizer_cls_and_kwargs("cblr", "curvature=secant", training_args=args))
     try:
         trainer.train()
     except RuntimeError as error:
@@ -200,7 +201,7 @@ def _plain_trainer_offload(output_dir: str, prepare: bool) -> dict[str, Any]:
 
 def deepspeed(output_dir: str) -> dict[str, Any]:
     model = tiny_bert()
-    client = CBLR(model.named_parameters(), lr=0.01, trust=0.5)
+    client = CBLR(model.named_parameters(), lr=0.01, trust=0.5, curvature="secant")  # ZeRO refuses secant_denoised
     return {
         "zero2": _train_deepspeed(output_dir, _deepspeed_config(2)),
         "zero2_offload": _train_deepspeed(output_dir, _deepspeed_config(2, offload=True)),
