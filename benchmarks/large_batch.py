@@ -373,14 +373,8 @@ def plot(summary: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.errorbar([row["lr"] for row in rows], [row["mean"] for row in rows], yerr=[row["std"] for row in rows],
                     marker="o", capsize=3, label=f"{label} b={batch} {options}".strip())
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("dev accuracy (mean ± std over seeds)")
-    ax.set_title("Stability window: dev accuracy against learning rate")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    paths.append(out_dir / "lr_window.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    paths.append(_save_axes(fig, ax, out_dir / "lr_window.png", "learning rate", "dev accuracy (mean ± std over seeds)",
+                            "Stability window: dev accuracy against learning rate"))
 
     best: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for row in summary:
@@ -393,15 +387,22 @@ def plot(summary: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.errorbar(batches, [by_batch[b]["mean"] for b in batches], yerr=[by_batch[b]["std"] for b in batches],
                     marker="o", capsize=3, label=f"{label} {options}".strip())
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("global batch size")
-    ax.set_ylabel("dev accuracy at the best lr (mean ± std)")
-    ax.set_title("Accuracy against batch size")
+    paths.append(_save_axes(fig, ax, out_dir / "batch_size.png", "global batch size",
+                            "dev accuracy at the best lr (mean ± std)", "Accuracy against batch size"))
+    return paths
+
+
+def _save_axes(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    paths.append(out_dir / "batch_size.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return paths
+    return path
 
 
 STRUCTURE_METRICS = ("grad_norm", "update_norm", "abs_loss_change", "curvature")
