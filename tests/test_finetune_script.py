@@ -97,10 +97,11 @@ def test_recipe_builds_its_optimizer(recipe: Path, finetune: ModuleType, tmp_pat
     from hf_cblr.optim.registry import get_optimizer_info
     from hf_cblr.trainer import CBLRTrainer
 
-    *_, args = finetune.parse_arguments([str(recipe), "--output_dir", str(tmp_path), "--eval_strategy", "no"])
+    *others, args = finetune.parse_arguments([str(recipe), "--output_dir", str(tmp_path), "--eval_strategy", "no"])
     values = yaml.safe_load(recipe.read_text())
-    for key, value in values.items():
-        assert getattr(args, key) == value, key
+    for key, value in values.items():  # training arguments, or the script's model, data and probe arguments
+        owner = next(parsed for parsed in (args, *others) if hasattr(parsed, key))
+        assert getattr(owner, key) == value, key
     assert args.output_dir == str(tmp_path)
     model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                                                      num_attention_heads=2, intermediate_size=37))
