@@ -275,7 +275,8 @@ def run_cell(cell: dict[str, Any], profile: Profile, data: Data, model_factory: 
     counter.remove()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     steps = trainer.state.global_step
-    samples = sum(trainer._plan) if trainer._plan is not None else steps * int(cell["batch"])
+    logged = [entry["consumed_samples"] for entry in trainer.state.log_history if "consumed_samples" in entry]
+    samples = logged[-1] if logged else steps * int(cell["batch"])  # the sampler's plan logs what it consumed
     plain = profile.epochs * len(data.train)
     work = counter.units / plain
     metrics = evaluate(model, data.dev, data.tokenizer, 256, args.device)
