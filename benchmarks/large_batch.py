@@ -369,10 +369,13 @@ def plot(summary: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
             series.setdefault((row["label"], options_of(row["cell"]), row["batch"]), []).append(row)
     paths = []
     fig, ax = plt.subplots(figsize=(8, 5))
-    for (label, options, batch), rows in sorted(series.items()):
+    markers = "osD^vP*X"
+    for index, ((label, options, batch), rows) in enumerate(sorted(series.items())):
+        if len(rows) < 2:  # a window needs two learning rates; single runs are in the table
+            continue
         rows = sorted(rows, key=lambda row: row["lr"])
         ax.errorbar([row["lr"] for row in rows], [row["mean"] for row in rows], yerr=[row["std"] for row in rows],
-                    marker="o", capsize=3, label=f"{label} b={batch} {options}".strip())
+                    marker=markers[index % len(markers)], capsize=3, label=f"{label} b={batch} {options}".strip())
     ax.set_xscale("log")
     paths.append(_save_axes(fig, ax, out_dir / "lr_window.png", "learning rate", "dev accuracy (mean ± std over seeds)",
                             "Stability window: dev accuracy against learning rate"))
@@ -399,7 +402,7 @@ def _save_axes(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: s
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
