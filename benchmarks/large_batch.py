@@ -387,6 +387,8 @@ def plot(summary: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
             by_batch[row["batch"]] = row
     fig, ax = plt.subplots(figsize=(8, 5))
     for (label, options), by_batch in sorted(best.items()):
+        if len(by_batch) < 2:  # a trend needs two batch sizes; single ones are in the table
+            continue
         batches = sorted(by_batch)
         ax.errorbar(batches, [by_batch[b]["mean"] for b in batches], yerr=[by_batch[b]["std"] for b in batches],
                     marker="o", capsize=3, label=f"{label} {options}".strip())
@@ -460,12 +462,13 @@ def plot_structure(rows: Sequence[dict[str, Any]], out_dir: Path) -> Path:
         by_batch = best.setdefault(row["label"], {})
         if row["batch"] not in by_batch or row["dev_accuracy"] > by_batch[row["batch"]]["dev_accuracy"]:
             by_batch[row["batch"]] = row
+    colors = {label: f"C{index}" for index, label in enumerate(sorted(best))}  # one color per optimizer in every panel
     for ax, metric in zip(axes, metrics, strict=True):
         for label, by_batch in sorted(best.items()):
             points = sorted((batch, row[metric]) for batch, row in by_batch.items() if row[metric] is not None)
             if points:
                 lrs = ", ".join(f"{by_batch[batch]['lr']:g}" for batch, _ in points)
-                line, = ax.plot(*zip(*points, strict=True), marker="o", label=f"{label} (best lr: {lrs})")
+                line, = ax.plot(*zip(*points, strict=True), marker="o", color=colors[label], label=f"{label} (best lr: {lrs})")
                 others = [(row["batch"], row[metric]) for row in rows if row["label"] == label and row[metric] is not None
                           and row is not by_batch[row["batch"]]]
                 if others:
