@@ -334,9 +334,10 @@ class DenoisedSecantCurvature(SecantCurvature):
     added to the layer's ``.grad``. Two mini-batch gradients differ by the curvature along the step *and*
     by sampling noise: :math:`E\|g_t - g_{t-1}\|^2 = \|\bar g_t - \bar g_{t-1}\|^2 + V_t + V_{t-1}` with
     :math:`V = E\|g - \bar g\|^2`. With i.i.d. micro-batches :math:`V` is estimated without bias from their
-    spread (``docs/algorithm.md``, "The denoised secant"). Where what is left is not positive the layer
-    has no estimate this step (its smoothed curvature is kept). The plain secant divides noise by the step
-    length, so its curvature grows as the rates shrink and the rates collapse; this one does not.
+    spread (``docs/algorithm.md`` §4, ``secant_denoised``). Where what is left does not exceed the noise
+    :math:`V_t + V_{t-1}` the layer has no estimate this step (its smoothed curvature is kept). The plain
+    secant divides noise by the step length, so its curvature grows as the rates shrink and the rates
+    collapse; this one does not.
 
     The norms come from hooks on the parameters (``register_hook`` for each pass's :math:`h_k`,
     ``register_post_accumulate_grad_hook`` for ``.grad``): a pass counts only when it accumulates into
