@@ -366,3 +366,54 @@ def test_denoised_secant_keeps_the_rates_where_the_plain_secant_collapses() -> N
     plain, denoised = _noisy_quadratic_rates("secant"), _noisy_quadratic_rates("secant_denoised")
     assert plain[-1] < 1e-3 * plain[2]
     assert all(0.25 < rate < 1.0 for rate in denoised[5:]), denoised
+
+
+def test_pooled_secant_is_the_ratio_of_the_emas_of_signal_and_squared_step() -> None:
+    """``secant_pooled``: c = sqrt(S / D) with S, D the EMAs (factor curvature_ema) of the denoised |g_t - g_(t-1)|^2
+    and of |w_t - w_(t-1)|^2, taken by the optimizer as it is; recomputed here from the passes and the weights."""
+    generator = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.randn(32, generator=generator))
+    ema = 0.5
+    optimizer = CBLR([param], lr=0.05, trust=1.0, momentum=0.0, curvature="secant_pooled", curvature_ema=ema)
+    grads, noises, weights, curvatures = [], [], [], []
+    for _ in range(4):
+        optimizer.zero_grad()
+        weights.append(param.detach().clone())
+        passes = [5.0 * param.detach() / 2 + 0.1 * torch.randn(32, generator=generator) for _ in range(2)]
+        _accumulate(param, passes)
+        grads.append(param.grad.clone())
+        noises.append((passes[0] - passes[1]).square().sum())
+        optimizer.step()
+        curvatures.append(optimizer.layer_stats()["group0.0"]["curvature"])
+    pooled_signal = pooled_step = 0.0
+    for t in range(1, 4):
+        signal = (grads[t] - grads[t - 1]).square().sum() - noises[t] - noises[t - 1]
+        pooled_signal = ema * pooled_signal + (1 - ema) * signal
+        pooled_step = ema * pooled_step + (1 - ema) * (weights[t] - weights[t - 1]).square().sum()
+        assert curvatures[t] == pytest.approx(float((pooled_signal / pooled_step).sqrt()), rel=1e-5)
+    assert curvatures[0] == 0.0  # no previous gradient: no estimate
+    assert 4.0 < curvatures[-1] < 6.0  # the quadratic's curvature is 5
+
+
+def test_pooled_secant_estimates_where_the_gate_of_the_denoised_one_keeps_none() -> None:
+    """Adam base on the noisy quadratic, where the noise comes to dominate the gradient: the denoised secant's gate
+    never passes, so its rate stays 1; the pooled secant measures P H, about 1 / (the gradient's noise per element)."""
+    def curvatures(curvature: str) -> list[float]:
+        generator = torch.Generator().manual_seed(0)
+        param = nn.Parameter(torch.randn(64, 64, generator=generator))
+        optimizer = CBLR([param], lr=0.05, trust=10.0, base="adam", curvature=curvature, curvature_ema=0.9)
+        noise_scale = float(param.detach().norm()) / 64
+        result = []
+        for _ in range(40):
+            optimizer.zero_grad()
+            for _ in range(8):
+                noise = torch.randn(64, 64, generator=generator) * noise_scale
+                (0.5 * param.square().sum() / 8 + (param * noise).sum() / 8).backward()
+            optimizer.step()
+            result.append(optimizer.layer_stats()["group0.0"]["curvature"])
+        return result
+
+    per_element_noise = 1.0 / math.sqrt(8)  # 8 passes, each adding noise of std noise_scale / 8 ~ 1 / 8 per element
+    assert all(c == 0.0 for c in curvatures("secant_denoised"))
+    pooled = curvatures("secant_pooled")[20:]
+    assert all(0.6 / per_element_noise < c < 1.5 / per_element_noise for c in pooled), pooled

@@ -385,7 +385,7 @@ class CBLR(Optimizer):
     def _smooth_curvature(self, batch: LayerBatch, estimate: Tensor) -> None:
         """EMA of valid estimates; the first valid estimate is taken as is; invalid ones keep the old value."""
         previous = torch.stack([state["curvature"] for state in batch.states])
-        ema = batch.group["curvature_ema"]
+        ema = 0.0 if self.estimator.smoothed else batch.group["curvature_ema"]
         smoothed = torch.where(previous > 0, ema * previous + (1 - ema) * estimate, estimate)
         valid = torch.isfinite(estimate) & (estimate > 0)
         batch.ops.copy_([state["curvature"] for state in batch.states],

@@ -176,6 +176,8 @@ class CurvatureEstimator:
     needs_preconditioner_gains: ClassVar[bool] = False
     #: Runs on DeepSpeed ZeRO's flat partitions.
     supports_partitions: ClassVar[bool] = True
+    #: Its estimates are already averages over steps: the optimizer takes them as they are (no ``curvature_ema``).
+    smoothed: ClassVar[bool] = False
 
     def __init__(self, *, aggregate: str = "mean", sample_size: int | None = 4096, seed: int = 0,
                  fd_step: float = 1e-3) -> None:
@@ -404,22 +406,68 @@ class DenoisedSecantCurvature(SecantCurvature):
             )
 
     def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
-        estimates = []
-        for batch in batches:
-            noise = batch.grad_noise_fractions * batch.grad_norms.square()
-            previous = torch.stack([state.get("grad_noise", torch.tensor(math.nan, device=noise.device))
-                                    for state in batch.states])
-            signal = batch.grad_change_norms.square() - noise - previous
-            step_norms = torch.stack([state["update_norm"] for state in batch.states])
-            gains = batch.preconditioner_gains if batch.second_moments is not None else 1.0
-            secants = gains * signal.clamp(min=0).sqrt() / step_norms + batch.decay
-            estimates.append(_nan_where(secants, (step_norms == 0) | ~(signal > noise + previous)))
-            for state, value, known in zip(batch.states, noise, noise.isfinite().tolist(), strict=True):
-                if known:
-                    state["grad_noise"] = value.clone()
-                else:
-                    state.pop("grad_noise", None)
-        return estimates
+        return [self._secants(batch, *self._denoised_signal(batch)) for batch in batches]
+
+    def _secants(self, batch: LayerBatch, signal: Tensor, noise: Tensor, step_norms: Tensor) -> Tensor:
+        """This step's secants, NaN where the signal does not exceed the noise."""
+        gains = batch.preconditioner_gains if batch.second_moments is not None else 1.0
+        secants = gains * signal.clamp(min=0).sqrt() / step_norms + batch.decay
+        return _nan_where(secants, (step_norms == 0) | ~(signal > noise))
+
+    @staticmethod
+    def _denoised_signal(batch: LayerBatch) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Per layer: the signal :math:`\|g_t - g_{t-1}\|^2 - V_t - V_{t-1}` (NaN where a noise is unknown), the
+        noise :math:`V_t + V_{t-1}` and the last step's length :math:`\|w_t - w_{t-1}\|`; keeps :math:`V_t` for the
+        next step."""
+        noise = batch.grad_noise_fractions * batch.grad_norms.square()
+        previous = torch.stack([state.get("grad_noise", torch.tensor(math.nan, device=noise.device))
+                                for state in batch.states])
+        signal = batch.grad_change_norms.square() - noise - previous
+        step_norms = torch.stack([state["update_norm"] for state in batch.states])
+        for state, value, known in zip(batch.states, noise, noise.isfinite().tolist(), strict=True):
+            if known:
+                state["grad_noise"] = value.clone()
+            else:
+                state.pop("grad_noise", None)
+        return signal, noise + previous, step_norms
+
+
+@register_curvature_estimator
+class PooledSecantCurvature(DenoisedSecantCurvature):
+    r"""The denoised secant pooled over steps: a ratio of EMAs instead of an EMA of ratios.
+
+    .. math::
+
+        S_l \leftarrow \alpha S_l + (1 - \alpha)\,(\|g_t - g_{t-1}\|^2 - V_t - V_{t-1}),\qquad
+        D_l \leftarrow \alpha D_l + (1 - \alpha)\,\|w_t - w_{t-1}\|^2,\qquad
+        c = p \sqrt{S_l / D_l} + \beta
+
+    with :math:`\alpha` the group's ``curvature_ema``. Under :math:`g_t - g_{t-1} = H \Delta w + \text{noise}`
+    each step's denoised :math:`\|\Delta g\|^2` is an unbiased, often negative, estimate of
+    :math:`\|H \Delta w\|^2`; the pooled ratio is the least-squares fit of :math:`c^2` over the recent steps, which
+    weighs each step by its length. :class:`DenoisedSecantCurvature` keeps only the steps whose signal exceeds the
+    noise; when the decaying learning rate shortens the steps, the steps that pass are those whose noise came out
+    high, so its curvature drifts up and its rates down. Pooling keeps every step, negative signals included, and
+    so has no such selection (``docs/algorithm.md`` §4). A layer has an estimate once :math:`S_l > 0`. The
+    estimate is already an average, so the optimizer takes it as it is (no second EMA).
+    """
+
+    name = "secant_pooled"
+    smoothed = True
+
+    def _secants(self, batch: LayerBatch, signal: Tensor, noise: Tensor, step_norms: Tensor) -> Tensor:
+        ema = batch.group["curvature_ema"]
+        zero = torch.zeros((), device=signal.device)
+        pooled = torch.stack([torch.stack([state.get("pooled_signal", zero), state.get("pooled_step_square", zero)])
+                              for state in batch.states])
+        fresh = torch.stack([signal.nan_to_num(), step_norms.square()], dim=1)
+        valid = (signal.isfinite() & (step_norms > 0)).unsqueeze(1)
+        pooled = torch.where(valid, ema * pooled + (1 - ema) * fresh, pooled)
+        for state, (pooled_signal, pooled_step_square) in zip(batch.states, pooled, strict=True):
+            state["pooled_signal"], state["pooled_step_square"] = pooled_signal.clone(), pooled_step_square.clone()
+        ratios = pooled[:, 0] / pooled[:, 1]  # NaN before the first step with a signal
+        gains = batch.preconditioner_gains if batch.second_moments is not None else 1.0
+        return _nan_where(gains * ratios.clamp(min=0).sqrt() + batch.decay, ~(ratios > 0))
 
 
 def _data_parallel_world_size() -> int:
