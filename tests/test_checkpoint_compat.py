@@ -1,0 +1,31 @@
+"""Checkpoints saved by the release before the core redesign load into today's code and continue identically.
+
+The fixture (``tests/fixtures/checkpoints_v0.pt``, written by ``tests/fixtures/make_checkpoints.py`` at the commit it
+records) holds, per registry optimizer, the model and optimizer state after 3 steps and the parameters after 2 more.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures.make_checkpoints import FIXTURE, STEPS_AFTER_SAVE, STEPS_BEFORE_SAVE, build, train_step
+
+from hf_cblr.optim import list_optimizers
+
+CHECKPOINTS = torch.load(FIXTURE, weights_only=False)["checkpoints"]
+
+
+def test_the_fixture_covers_every_registry_optimizer() -> None:
+    assert sorted(CHECKPOINTS) == list_optimizers()
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_a_saved_checkpoint_continues_bit_exactly(name: str) -> None:
+    saved = CHECKPOINTS[name]
+    model, optimizer = build(name)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    for step in range(STEPS_BEFORE_SAVE, STEPS_BEFORE_SAVE + STEPS_AFTER_SAVE):
+        train_step(model, optimizer, step)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved["after"][key], rtol=0, atol=0, msg=f"{name}: {key}")
