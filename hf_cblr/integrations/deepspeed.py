@@ -115,7 +115,7 @@ def initialize(model: nn.Module, config: dict[str, Any] | str | os.PathLike[str]
         optimizer = built
     if isinstance(optimizer, CBLR):
         if zero_stage(config) > 0:
-            check_zero_support(optimizer)
+            check_zero_support(optimizer.estimator)
         config["zero_allow_untested_optimizer"] = True
         prepare_deepspeed_config(config)
     return deepspeed.initialize(model=model, optimizer=optimizer, config=config, **kwargs)

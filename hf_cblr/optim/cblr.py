@@ -24,31 +24,30 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from itertools import chain
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_cblr.optim._tensor_ops import TensorList, TensorListOps, chunk_elements, select_ops
-from hf_cblr.optim.curvature import (
-    AGGREGATES,
-    CURVATURE_ESTIMATORS,
-    Closure,
-    LayerBatch,
-    create_curvature_estimator,
-)
+from hf_cblr.optim._tensor_ops import TensorList, chunk_elements, select_ops
+from hf_cblr.optim.curvature import AGGREGATES, CURVATURE_ESTIMATORS, create_curvature_estimator
 from hf_cblr.optim.param_groups import layer_ndim
-from hf_cblr.optim.partitioned import PartitionedLayers
-
-if TYPE_CHECKING:
-    from hf_cblr.optim.partitioned import LayerFragment
+from hf_cblr.optim.partitioned import PartitionedLayers, PartitionLayout
+from hf_cblr.optim.types import Closure, LayerBatch, StateKind, in_mask, layer_batch
 
 BASES = ("sgd", "adam")
 #: ``trust`` when none is given, per base, chosen with the default ``curvature`` (``docs/study.md``): on the SGD base
 #: with ``lr = 0.1`` a layer takes 1% of its Newton step; on the Adam base the value that fine-tunes MiniLM on SST-2
 #: at batch 1024 with AdamW's ``lr = 5e-4``.
 DEFAULT_TRUST = {"sgd": 0.1, "adam": 3000.0}
+#: The kinds of the state entries of a layer, per base direction (the estimator declares its own).
+BASE_STATE_SCHEMAS: dict[str, dict[str, StateKind]] = {
+    "sgd": {"step": StateKind.LAYER, "curvature": StateKind.LAYER, "update_norm": StateKind.LAYER,
+            "momentum_buffer": StateKind.ELEMENT},
+    "adam": {"step": StateKind.LAYER, "curvature": StateKind.LAYER, "update_norm": StateKind.LAYER,
+             "exp_avg": StateKind.ELEMENT, "exp_avg_sq": StateKind.ELEMENT},
+}
 #: ``state_dict()[SETTINGS_KEY]``: the settings the saved state belongs to (:meth:`CBLR._estimator_settings`).
 SETTINGS_KEY = "hf_cblr"
 
@@ -129,6 +128,9 @@ class CBLR(Optimizer):
         seed: seeds the element samples and Hutchinson probes.
         fd_step: the norm of the finite-difference perturbation of ``curvature="fd"``.
         foreach: multi-tensor kernels (``None``: yes where supported) or the single-tensor loop.
+        partition_layout: where a sharding engine puts the layers once it replaces a param group's parameters by
+            one flat partition (:class:`~hf_cblr.optim.partitioned.PartitionLayout`). Default (None): DeepSpeed
+            ZeRO's, read from the attributes it sets on the parameters.
 
     ``step(closure)``: for ``hvp``, ``fd`` and ``hutchinson`` the closure re-evaluates the loss of the
     batch whose gradient is in ``.grad`` and returns it *without* calling backward; it is called on
@@ -165,6 +167,7 @@ class CBLR(Optimizer):
         seed: int = 0,
         fd_step: float = 1e-3,
         foreach: bool | None = None,
+        partition_layout: PartitionLayout | None = None,
     ) -> None:
         if curvature not in CURVATURE_ESTIMATORS:
             raise ValueError(f"curvature={curvature!r} is not a known estimator; valid values: {sorted(CURVATURE_ESTIMATORS)}")
@@ -179,6 +182,9 @@ class CBLR(Optimizer):
         if foreach not in (None, True, False):
             raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
         _check_number("fd_step", fd_step, 0.0, math.inf, include_low=False, include_high=False)
+        if partition_layout is not None and not isinstance(partition_layout, PartitionLayout):
+            raise TypeError(f"partition_layout must be None (DeepSpeed ZeRO's) or a PartitionLayout (with holds_partition "
+                            f"and fragments), got {partition_layout!r}")
         if trust is None:
             trust = DEFAULT_TRUST[base]
         self.estimator = create_curvature_estimator(
@@ -203,7 +209,7 @@ class CBLR(Optimizer):
         # (read into floats only by layer_stats()).
         self._last_layer_stats: dict[str, tuple[dict[str, Tensor], int]] = {}
         # Under DeepSpeed ZeRO the groups hold flat partitions: this keeps the layers behind them.
-        self._partitioned = PartitionedLayers()
+        self._partitioned = PartitionedLayers(partition_layout)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -212,7 +218,7 @@ class CBLR(Optimizer):
         group = self.param_groups[-1]
         self.estimator.watch(group["params"])
         self._partitioned.record(group, len(self.param_groups) - 1,
-                                 [_in_mask(group["adaptation_mask"], layer_ndim(param)) for param in group["params"]])
+                                 [in_mask(group["adaptation_mask"], layer_ndim(param)) for param in group["params"]])
 
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -221,7 +227,10 @@ class CBLR(Optimizer):
         if closure is not None and not self.estimator.needs_closure:
             with torch.enable_grad():
                 loss = closure()
-        batches = self._partitioned.batches(self)
+        batches = self._partitioned.batches(
+            self.param_groups, self.state, new_state=self._new_state, schema=self.state_schema, foreach=self.foreach,
+            rates_need_all_layers=self.rates_need_all_layers, optimizer_name=type(self).__name__,
+            estimator=self.estimator)
         if batches is None:
             batches = self._collect_batches()
         if not batches:
@@ -233,7 +242,7 @@ class CBLR(Optimizer):
             for batch in batches:
                 for chunk in batch.chunks(chunk_elements(batch.params)):
                     self._step_layers([chunk], None, step, loss)
-        self._partitioned.store(self)
+        self._partitioned.store(self.state, self.state_schema)
         return loss
 
     def _step_layers(self, batches: list[LayerBatch], closure: Closure | None, step: int, loss: Tensor | None) -> Tensor | None:
@@ -272,10 +281,10 @@ class CBLR(Optimizer):
                 if param.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 if not self.state[param]:
-                    self._init_state(param)
+                    self.state[param] = self._new_state(param)
             if members:
                 params = [p for _, p in members]
-                batches.append(self._layer_batch(
+                batches.append(layer_batch(
                     group, params, [p.grad for p in params], [self.state[p] for p in params],
                     names=[names[j] for j, _ in members], layer_ids=[first_layer_id + j for j, _ in members],
                     ndims=[layer_ndim(p) for p in params], ops=select_ops(self.foreach, params),
@@ -283,30 +292,14 @@ class CBLR(Optimizer):
             first_layer_id += len(group["params"])
         return batches
 
-    @staticmethod
-    def _layer_batch(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
-                     names: list[str], layer_ids: list[int], ndims: list[int], ops: TensorListOps,
-                     fragments: list[LayerFragment] | None = None) -> LayerBatch:
-        """The batch of one group's layers: ``params`` are the layers, or under ZeRO their local ``fragments``
-        (:mod:`hf_cblr.optim.partitioned`), whose layers have ``ndims`` dimensions (the masks' default)."""
-        device = params[0].device
-        return LayerBatch(
-            group=group,
-            params=params,
-            weights=[p if p.dtype == torch.float32 else p.float() for p in params],
-            grads=[g if g.dtype == torch.float32 else g.float() for g in grads],
-            states=states,
-            names=names,
-            layer_ids=layer_ids,
-            decay=torch.tensor([group["weight_decay"] if _in_mask(group["weight_decay_mask"], n) else 0.0 for n in ndims],
-                               device=device),
-            adapt=torch.tensor([_in_mask(group["adaptation_mask"], n) for n in ndims], device=device),
-            ops=ops,
-            fragments=fragments,
-        )
+    @property
+    def state_schema(self) -> dict[str, StateKind]:
+        """The kind of every entry of a layer's state: the base direction's and the estimator's."""
+        return {**BASE_STATE_SCHEMAS[self.base], **self.estimator.state_schema}
 
-    def _init_state(self, param: Tensor) -> None:
-        state = self.state[param]
+    def _new_state(self, param: Tensor) -> dict[str, Any]:
+        """A fresh state for layer (or ZeRO fragment) ``param``, of the kinds :attr:`state_schema` declares."""
+        state: dict[str, Any] = {}
         zero = torch.zeros((), dtype=torch.float32, device=param.device)
         state["step"] = zero.clone()
         state["curvature"] = zero.clone()  # 0: no estimate yet (valid estimates are > 0)
@@ -314,6 +307,7 @@ class CBLR(Optimizer):
         if self.base == "adam":
             state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+        return state
 
     @staticmethod
     def _advance_step_counters(batches: list[LayerBatch]) -> int:
@@ -495,11 +489,6 @@ class CBLR(Optimizer):
             for key, value in state_dict["state"].get(param_id, {}).items():
                 if isinstance(value, Tensor) and value.dtype != param.dtype:
                     self.state[param][key] = value.to(device=param.device, copy=True)
-
-
-def _in_mask(mask: bool | None, ndim: int) -> bool:
-    """Whether a layer of ``ndim`` dimensions is in a group's mask (None: the layers with ``ndim > 1``)."""
-    return ndim > 1 if mask is None else mask
 
 
 def _bias_correction(beta: float, step: float) -> float:

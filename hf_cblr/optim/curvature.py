@@ -20,145 +20,20 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
 from functools import partial
-from itertools import chain, pairwise
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from hf_cblr.optim._tensor_ops import TensorList, TensorListOps
-
-if TYPE_CHECKING:
-    from hf_cblr.optim.partitioned import LayerFragment
-
-Closure = Callable[[], Tensor]
+from hf_cblr.optim._tensor_ops import TensorList
+from hf_cblr.optim.types import Closure, LayerBatch, StateKind
 
 #: Elements whose weight change is below this fraction of the layer's mean |dw| carry no secant
 #: information and are ignored by the element-wise estimators.
 NEGLIGIBLE_STEP_FRACTION = 1e-3
 
 AGGREGATES = ("mean", "median")
-
-
-#: ``LayerBatch`` field metadata: one entry per layer (sliced by :meth:`LayerBatch.chunks`) ...
-PER_LAYER = {"per_layer": True}
-#: ... and computed by the step per chunk (joined back by :meth:`LayerBatch.join`).
-PER_LAYER_RESULT = {"per_layer": True, "result": True}
-
-
-@dataclass
-class LayerBatch:
-    r"""The layers of one param group that have a gradient this step, in fp32.
-
-    ``direction`` is the base optimizer's direction before the layer rate: ``g + beta w`` for the
-    SGD base; for the Adam base ``u = m_hat / (sqrt(v_hat) + eps) + beta w`` up to a factor per layer,
-    :math:`u_l = k_l\, d_l` with ``direction`` holding :math:`d_l` and ``direction_scales`` the :math:`k_l`
-    (so the bias corrections and the weight decay's factor cost no pass over the layer; see
-    ``CBLR._adam_direction``). ``direction_norms`` are the norms :math:`|u_l|`, computed once (through
-    ``ops``, so reduced over ranks under ZeRO) for every user.
-    The Adam preconditioner :math:`P = 1 / (\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon)` is kept as
-    its parts, ``second_moments`` :math:`v` and ``inverse_sqrt_bias_corrections2``, and formed where used.
-    Under DeepSpeed ZeRO ``params`` are 1-D fragments of the layers, described by ``fragments``
-    (None: whole layers).
-    """
-
-    group: dict[str, Any]
-    params: list[Tensor] = field(metadata=PER_LAYER)
-    weights: TensorList = field(metadata=PER_LAYER)
-    grads: TensorList = field(metadata=PER_LAYER)
-    states: list[dict[str, Any]] = field(metadata=PER_LAYER)
-    names: list[str] = field(metadata=PER_LAYER)
-    layer_ids: list[int] = field(metadata=PER_LAYER)
-    decay: Tensor = field(metadata=PER_LAYER)
-    adapt: Tensor = field(metadata=PER_LAYER)
-    ops: TensorListOps
-    direction: TensorList = field(default_factory=list, metadata=PER_LAYER_RESULT)
-    #: Adam base: :math:`k_l` with :math:`u_l = k_l` ``direction[l]``; None for the SGD base (all 1).
-    direction_scales: Tensor | None = field(default=None, metadata=PER_LAYER_RESULT)
-    #: Adam base: :math:`|u_l|`.
-    direction_norms: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
-    #: Adam base: ``v`` (None for the SGD base, whose preconditioner is the identity).
-    second_moments: TensorList | None = field(default=None, metadata=PER_LAYER_RESULT)
-    #: Adam base: :math:`1 / \sqrt{1 - \beta_2^{t_l}}` per layer.
-    inverse_sqrt_bias_corrections2: list[float] = field(default_factory=list, metadata=PER_LAYER_RESULT)
-    grad_norms: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
-    #: Adam base: ``|P m_hat| / |m_hat|`` per layer, the preconditioner's gain along the momentum.
-    preconditioner_gains: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
-    fragments: list[LayerFragment] | None = field(default=None, metadata=PER_LAYER)
-    #: Per layer, an fp32 buffer of the layer's (or fragment's) size that the estimator lends to this step
-    #: (:meth:`CurvatureEstimator.before_direction`), so the direction needs no new tensor; None: none lent.
-    workspace: list[Tensor | None] = field(default_factory=list, metadata=PER_LAYER_RESULT)
-    #: Secant estimators: ``|g_t - g_{t-1}|`` per layer, NaN where there is no previous gradient.
-    grad_change_norms: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
-    #: Denoised secant: the gradient's noise variance as a fraction of ``|g|^2`` per layer, NaN where unknown.
-    grad_noise_fractions: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
-
-    def __post_init__(self) -> None:
-        if not self.workspace:
-            self.workspace = [None] * len(self.params)
-
-    def __len__(self) -> int:
-        return len(self.params)
-
-    def chunks(self, max_elements: int | None) -> list[LayerBatch]:
-        """The batch as runs of consecutive whole layers of at most ``max_elements`` elements together (a
-        larger layer is a run of its own), sharing its tensors; ``[self]`` when ``max_elements`` is None, or
-        for ZeRO fragments, where every norm is an all-reduce.
-
-        The step takes one chunk at a time through all its kernels (the whole step where a layer's rate is
-        its own; else the direction, then, after the rates, the update), so that on the CPU each kernel finds
-        the chunk's tensors still in the cache (``docs/algorithm.md``, "Numerics"). A chunk holds slices of
-        this batch's per-layer fields, results included.
-        """
-        if max_elements is None or self.fragments is not None:
-            return [self]
-        bounds, elements = [0], 0
-        for i, param in enumerate(self.params):
-            if elements and elements + param.numel() > max_elements:
-                bounds.append(i)
-                elements = 0
-            elements += param.numel()
-        bounds.append(len(self))
-        if len(bounds) == 2:
-            return [self]
-        return [self._slice(start, stop) for start, stop in pairwise(bounds)]
-
-    def _slice(self, start: int, stop: int) -> LayerBatch:
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for f in fields(self):
-            if f.metadata.get("per_layer") and values[f.name] is not None:
-                values[f.name] = values[f.name][start:stop]
-        return LayerBatch(**values)
-
-    def join(self, chunks: list[LayerBatch]) -> None:
-        """Take as this batch's the per-layer results that its ``chunks`` (from :meth:`chunks`) computed."""
-        if len(chunks) == 1 and chunks[0] is self:
-            return
-        for f in fields(self):
-            parts = [getattr(chunk, f.name) for chunk in chunks]
-            if f.metadata.get("result") and parts[0] is not None:
-                setattr(self, f.name, torch.cat(parts) if isinstance(parts[0], Tensor) else list(chain.from_iterable(parts)))
-
-    def no_estimates(self) -> Tensor:
-        """A vector of NaN, one per layer: no estimate yet."""
-        return torch.full((len(self),), math.nan, device=self.decay.device)
-
-    def precondition_(self, tensors: TensorList) -> None:
-        """Apply Adam's preconditioner ``P`` in place (the identity for the SGD base)."""
-        if self.second_moments is not None:
-            self.ops.div_(tensors, self.ops.adam_denominators(
-                self.second_moments, self.inverse_sqrt_bias_corrections2, self.group["eps"]))
-
-    def preconditioner_at(self, index: int, positions: Tensor | None) -> Tensor | float:
-        """``P`` of layer ``index`` at the flat ``positions`` (all elements when None)."""
-        if self.second_moments is None:
-            return 1.0
-        second_moment = self.second_moments[index].reshape(-1)
-        second_moment = second_moment if positions is None else second_moment[positions]
-        return 1.0 / (second_moment.sqrt() * self.inverse_sqrt_bias_corrections2[index] + self.group["eps"])
 
 
 class CurvatureEstimator:
@@ -170,8 +45,8 @@ class CurvatureEstimator:
     needs_closure: ClassVar[bool] = False
     #: Estimates from per-element curvatures, aggregated by ``aggregate`` over a fixed sample.
     elementwise: ClassVar[bool] = False
-    #: Per-layer state holding one value per sampled element (under ZeRO: per sampled element of the fragment).
-    sample_state_keys: ClassVar[tuple[str, ...]] = ()
+    #: The kind of each entry the estimator keeps in a layer's state (ZeRO stores them by it).
+    state_schema: ClassVar[dict[str, StateKind]] = {}
     #: Reads ``batch.preconditioner_gains`` (the Adam base then computes them).
     needs_preconditioner_gains: ClassVar[bool] = False
     #: Runs on DeepSpeed ZeRO's flat partitions.
@@ -279,6 +154,7 @@ class SecantCurvature(CurvatureEstimator):
 
     name = "secant"
     needs_preconditioner_gains = True
+    state_schema: ClassVar[dict[str, StateKind]] = {"prev_grad": StateKind.ELEMENT}
 
     def before_direction(self, batch: LayerBatch) -> None:
         has_previous = [i for i, state in enumerate(batch.states) if "prev_grad" in state]
@@ -351,6 +227,7 @@ class DenoisedSecantCurvature(SecantCurvature):
 
     name = "secant_denoised"
     supports_partitions = False
+    state_schema: ClassVar[dict[str, StateKind]] = {**SecantCurvature.state_schema, "grad_noise": StateKind.LAYER}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -454,6 +331,8 @@ class PooledSecantCurvature(DenoisedSecantCurvature):
 
     name = "secant_pooled"
     smoothed = True
+    state_schema: ClassVar[dict[str, StateKind]] = {
+        **DenoisedSecantCurvature.state_schema, "pooled_signal": StateKind.LAYER, "pooled_step_square": StateKind.LAYER}
 
     def _secants(self, batch: LayerBatch, signal: Tensor, noise: Tensor, step_norms: Tensor) -> Tensor:
         ema = batch.group["curvature_ema"]
@@ -515,7 +394,8 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
 
     name = "secant_elementwise"
     elementwise = True
-    sample_state_keys = ("sample_prev_grad", "sample_prev_weight")
+    state_schema: ClassVar[dict[str, StateKind]] = {
+        "sample_prev_grad": StateKind.ROW, "sample_prev_weight": StateKind.ROW, "sample_positions": StateKind.ROW}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -771,6 +651,7 @@ class HutchinsonCurvature(CurvatureEstimator):
     name = "hutchinson"
     needs_closure = True
     elementwise = True
+    state_schema: ClassVar[dict[str, StateKind]] = {"sample_positions": StateKind.ROW}
 
     def estimate(self, batches: list[LayerBatch], closure: Closure | None, step: int) -> list[Tensor]:
         closure = _require_closure(self.name, closure)

@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from hf_cblr.optim.cblr import CBLR
+from hf_cblr.optim.partitioned import PartitionLayout
 
 
 class LARS(CBLR):
@@ -33,10 +34,11 @@ class LARS(CBLR):
         weight_decay_mask: bool | None = None,
         adaptation_mask: bool | None = None,
         foreach: bool | None = None,
+        partition_layout: PartitionLayout | None = None,
     ) -> None:
         super().__init__(
             params, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
             trust=trust_coefficient, curvature="weight_norm", curvature_ema=0.0, curvature_eps=curvature_eps,
             max_ratio=max_ratio, base="sgd", weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
-            foreach=foreach,
+            foreach=foreach, partition_layout=partition_layout,
         )

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from hf_cblr.optim.cblr import CBLR
-from hf_cblr.optim.curvature import CURVATURE_ESTIMATORS, LayerBatch
+from hf_cblr.optim.curvature import CURVATURE_ESTIMATORS
+from hf_cblr.optim.types import LayerBatch
 
 ELEMENTWISE_ESTIMATORS = tuple(sorted(name for name, cls in CURVATURE_ESTIMATORS.items() if cls.elementwise))
 

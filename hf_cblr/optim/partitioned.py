@@ -51,19 +51,17 @@ the closure estimators (DeepSpeed steps without a closure).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from hf_cblr.optim._tensor_ops import ForeachTensorListOps, TensorListOps, select_ops
-
-if TYPE_CHECKING:
-    from hf_cblr.optim.cblr import CBLR
-    from hf_cblr.optim.curvature import LayerBatch
+from hf_cblr.optim.curvature import CurvatureEstimator
+from hf_cblr.optim.types import LayerBatch, LayerFragment, StateKind, layer_batch
 
 #: ``state[partition]["layers"]``: the per-layer scalars of a flat partition, one ``[num_layers]`` vector each.
 LAYERS_KEY = "layers"
@@ -134,26 +132,6 @@ def reducing_ops(local: TensorListOps, distributor: Distributor) -> TensorListOp
 
 
 # -- fragments ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LayerFragment:
-    """The part of one layer that lives in this rank's flat partition.
-
-    Elements ``[layer_start, layer_start + length)`` of the flattened layer are elements
-    ``[offset, offset + length)`` of the partition; ``length == 0`` when none lives here.
-    """
-
-    index: int  # the layer's position in its param group, as given to the optimizer
-    shape: tuple[int, ...]
-    offset: int
-    layer_start: int
-    length: int
-
-    @property
-    def layer_numel(self) -> int:
-        """Elements of the whole layer."""
-        return torch.Size(self.shape).numel()
-
-
 def zero12_fragments(params: Sequence[Tensor], indices: Sequence[int], partition_start: int,
                      partition_numel: int) -> list[LayerFragment]:
     """Fragments of a stage 1/2 or BF16-optimizer partition.
@@ -178,22 +156,67 @@ def zero12_fragments(params: Sequence[Tensor], indices: Sequence[int], partition
     return fragments
 
 
-def zero3_fragments(params: Sequence[Tensor], indices: Sequence[int]) -> list[LayerFragment]:
+def zero3_fragments(params: Sequence[Any], indices: Sequence[int], rank: int) -> list[LayerFragment]:
     """Fragments of a stage-3 sub-group partition: each parameter's ``ds_tensor`` slice, concatenated.
 
     Rank ``r`` holds elements ``[r P, (r + 1) P)`` of a parameter, ``P = ceil(numel / N)``, the
     last rank padded (``partition_parameters.py: _partition_param``); the sub-group partition is the
     concatenation of those slices in sub-group order (``stage3.py: set_grad_positions``). The
-    padding is in no fragment.
+    padding is in no fragment. Reads ``partition_numel()``, ``ds_numel`` and ``ds_shape`` of each parameter.
     """
     fragments, offset = [], 0
     for param, index in zip(params, indices, strict=True):
         partition_numel = param.partition_numel()
-        start = dist.get_rank(group=param.ds_process_group) * partition_numel
+        start = rank * partition_numel
         length = max(0, min(partition_numel, param.ds_numel - start))
         fragments.append(LayerFragment(index, tuple(param.ds_shape), offset, min(start, param.ds_numel), length))
         offset += partition_numel
     return fragments
+
+
+# -- layouts: where a sharding engine puts the layers -------------------------------------------
+@runtime_checkable
+class PartitionLayout(Protocol):
+    """How a sharding engine lays a param group's layers out in flat partitions (DeepSpeed's, or a fake in tests)."""
+
+    def holds_partition(self, params: list[Tensor], layers: list[Tensor]) -> bool:
+        """Whether a param group now holding ``params`` holds a flat partition of ``layers`` (its original params)."""
+        ...
+
+    def fragments(self, flat: Tensor, layers: list[Tensor]) -> tuple[list[LayerFragment], Distributor]:
+        """The fragments of ``layers`` (given with their positions in the group) that lie in ``flat``, and the
+        distributor over the ranks that share it."""
+        ...
+
+
+class DeepSpeedLayout:
+    """DeepSpeed ZeRO-1/2 and BF16-optimizer partitions (:func:`zero12_fragments`) and ZeRO-3 sub-group partitions
+    (:func:`zero3_fragments`), read from the attributes DeepSpeed sets on the parameters."""
+
+    def holds_partition(self, params: list[Tensor], layers: list[Tensor]) -> bool:
+        """ZeRO replaced the group's parameters by one flat partition (and linked the originals to it)."""
+        if len(params) != 1 or (layers and params[0] is layers[0]):
+            return False
+        if isinstance(getattr(params[0], "ds_id", None), str):
+            return True  # stage 3: the fp32 sub-group partition, ds_id "<first ds_id>_<last ds_id>"
+        trainable = [p for p in layers if p.requires_grad and p.numel() > 0]
+        return bool(trainable) and all(hasattr(p, "_hp_mapping") for p in trainable)
+
+    def fragments(self, flat: Tensor, layers: list[Tensor]) -> tuple[list[LayerFragment], Distributor]:
+        trainable = [(j, p) for j, p in enumerate(layers) if p.requires_grad]
+        ds_id = getattr(flat, "ds_id", None)
+        if isinstance(ds_id, str):
+            first, last = (int(part) for part in ds_id.split("_"))
+            ids = [p.ds_id for _, p in trainable]
+            members = [(j, p) for j, p in trainable[ids.index(first): ids.index(last) + 1] if p.ds_numel > 0]
+            group = members[0][1].ds_process_group
+            fragments = zero3_fragments([p for _, p in members], [j for j, _ in members], dist.get_rank(group=group))
+        else:
+            members = [(j, p) for j, p in trainable if p.numel() > 0]
+            group = members[0][1]._dp_group
+            rank = dist.get_rank(group=group)
+            fragments = zero12_fragments([p for _, p in members], [j for j, _ in members], rank * flat.numel(), flat.numel())
+        return fragments, ProcessGroupDistributor(group)
 
 
 # -- the layers behind the partitions ----------------------------------------------------------
@@ -215,7 +238,7 @@ class Partition:
     flat: Tensor
     record: _GroupRecord
     fragments: list[LayerFragment]
-    distributor: ProcessGroupDistributor
+    distributor: Distributor
     layer_states: list[dict[str, Any]] = field(default_factory=list)
     #: key -> the stored object the views of ``layer_states[*][key]`` were cut from
     bases: dict[str, Any] = field(default_factory=dict)
@@ -230,18 +253,20 @@ class Partition:
 
 
 class PartitionedLayers:
-    """The ZeRO side of a :class:`~hf_cblr.optim.cblr.CBLR` optimizer; every CBLR has one.
+    """The flat-partition layer source of a :class:`~hf_cblr.optim.cblr.CBLR` optimizer; every CBLR has one.
 
     It records each param group as it is added (ZeRO later replaces the group's parameters by one
     flat partition). While the groups hold their own parameters, :meth:`batches` returns None and
-    the optimizer steps its layers as they are. While they hold ZeRO partitions, it builds the
-    step's batches (one per visible partition: all its layers, their local fragments, norms reduced
-    over the ranks) and :meth:`store` keeps their state in the partition. DeepSpeed calls ``step``
+    the optimizer steps its layers as they are. While they hold partitions (``layout`` says which),
+    it builds the step's batches (one per visible partition: all its layers, their local fragments, norms
+    reduced over the ranks) and :meth:`store` keeps their state in the partition, by the kind each state
+    entry declares (:class:`~hf_cblr.optim.types.StateKind`). DeepSpeed calls ``step``
     once per param group under ZeRO-1/2 (``stage_1_and_2.py: _optimizer_step``), once per sub-group
     under ZeRO-3 (``stage3.py: _optimizer_step``) and once for all groups with the BF16 optimizer.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, layout: PartitionLayout | None = None) -> None:
+        self.layout = DeepSpeedLayout() if layout is None else layout
         self._records: dict[int, _GroupRecord] = {}
         self._partitions: dict[int, Partition] = {}
         self._stepped: list[Partition] = []
@@ -268,42 +293,50 @@ class PartitionedLayers:
         """The partitions stepped so far."""
         return list(self._partitions.values())
 
-    def batches(self, optimizer: CBLR) -> list[LayerBatch] | None:
-        """The step's batches, or None when no param group holds a ZeRO partition (the optimizer's own layers)."""
-        groups = [group for group in optimizer.param_groups if group["params"]]
-        partitioned = [self._holds_partition(group) for group in groups]
+    def batches(self, param_groups: list[dict[str, Any]], state: dict[Tensor, dict[str, Any]], *,
+                new_state: Callable[[Tensor], dict[str, Any]], schema: Mapping[str, StateKind], foreach: bool | None,
+                rates_need_all_layers: bool, optimizer_name: str, estimator: CurvatureEstimator) -> list[LayerBatch] | None:
+        """The step's batches, or None when no param group holds a partition (the optimizer's own layers).
+
+        ``state`` is the optimizer's (partitions keep theirs under the flat tensor); ``new_state(fragment)`` is a
+        fresh layer state; ``schema`` the kind of every state entry; with ``rates_need_all_layers`` a step over
+        some but not all adapted layers is refused (``optimizer_name`` says whose); an ``estimator`` that cannot run
+        on partitions is refused (:func:`check_zero_support`).
+        """
+        groups = [group for group in param_groups if group["params"]]
+        partitioned = [self.layout.holds_partition(group["params"], self._records[id(group)].params) for group in groups]
         if not any(partitioned):
             return None
         if not all(partitioned):
             raise RuntimeError("some param groups hold ZeRO partitions and others do not: not a known layout")
-        check_zero_support(optimizer)
+        check_zero_support(estimator)
         self._stepped = []
         batches = []
         for group in groups:
             flat = group["params"][0]
             if flat.grad is None:
                 continue
-            partition = self._partition(optimizer, flat, self._records[id(group)])
+            partition = self._partition(flat, self._records[id(group)], state, new_state, schema)
             self._stepped.append(partition)
-            batches.append(optimizer._layer_batch(
+            batches.append(layer_batch(
                 group, partition.local(flat), partition.local(flat.grad), partition.layer_states,
                 names=partition.names,
                 layer_ids=[partition.record.first_layer_id + f.index for f in partition.fragments],
                 ndims=[len(f.shape) for f in partition.fragments],
-                ops=reducing_ops(select_ops(optimizer.foreach, [flat]), partition.distributor),
+                ops=reducing_ops(select_ops(foreach, [flat]), partition.distributor),
                 fragments=partition.fragments,
             ))
-        if optimizer.rates_need_all_layers:
-            self._check_all_adapted_layers(optimizer, batches)
+        if rates_need_all_layers:
+            self._check_all_adapted_layers(optimizer_name, batches)
         return batches
 
-    def store(self, optimizer: CBLR) -> None:
+    def store(self, state: dict[Tensor, dict[str, Any]], schema: Mapping[str, StateKind]) -> None:
         """After the step: keep what it created or replaced per layer in the partitions' storage."""
         for partition in self._stepped:
-            _store_layer_states(optimizer.state[partition.flat], partition, optimizer.estimator.sample_state_keys)
+            _store_layer_states(state[partition.flat], partition, schema)
         self._stepped = []
 
-    def _check_all_adapted_layers(self, optimizer: CBLR, batches: list[LayerBatch]) -> None:
+    def _check_all_adapted_layers(self, optimizer_name: str, batches: list[LayerBatch]) -> None:
         """Refuse a step over some but not all adapted layers: MCLR's median over them would see only those.
 
         DeepSpeed calls ``step`` per param group (ZeRO-1/2) or per sub-group (ZeRO-3). A call whose
@@ -314,69 +347,33 @@ class PartitionedLayers:
         adapted = frozenset().union(*(record.adapted for record in self._records.values()))
         if stepped and stepped != adapted:
             raise NotImplementedError(
-                f"{type(optimizer).__name__} normalizes its layer rates by the median curvature over all {len(adapted)} "
+                f"{optimizer_name} normalizes its layer rates by the median curvature over all {len(adapted)} "
                 f"adapted layers, but DeepSpeed steps {len(stepped)} of them in this optimizer.step() call (ZeRO-3 steps "
                 "each sub-group on its own): raise zero_optimization.sub_group_size to at least the number of parameters "
                 "of the param group that holds the adapted layers (DeepSpeed's default, 1e9, does), and keep the adapted layers "
                 "in one param group (ZeRO-1/2 step each param group on its own)"
             )
 
-    def _holds_partition(self, group: dict[str, Any]) -> bool:
-        """ZeRO replaced the group's parameters by one flat partition (and linked the originals to it)."""
-        params, record = group["params"], self._records[id(group)]
-        if len(params) != 1 or (record.params and params[0] is record.params[0]):
-            return False
-        if isinstance(getattr(params[0], "ds_id", None), str):
-            return True  # stage 3: the fp32 sub-group partition, ds_id "<first ds_id>_<last ds_id>"
-        trainable = [p for p in record.params if p.requires_grad and p.numel() > 0]
-        return bool(trainable) and all(hasattr(p, "_hp_mapping") for p in trainable)
-
-    def _partition(self, optimizer: CBLR, flat: Tensor, record: _GroupRecord) -> Partition:
+    def _partition(self, flat: Tensor, record: _GroupRecord, state: dict[Tensor, dict[str, Any]],
+                   new_state: Callable[[Tensor], dict[str, Any]], schema: Mapping[str, StateKind]) -> Partition:
         partition = self._partitions.get(id(flat))
         if partition is None or partition.flat is not flat:
-            partition = Partition(flat, record, *_layout(flat, record))
+            partition = Partition(flat, record, *self.layout.fragments(flat, record.params))
+            end = max(f.offset + f.length for f in partition.fragments)
+            if end > flat.numel():
+                raise RuntimeError(f"the layers' fragments end at element {end}, past the partition's {flat.numel()}")
             self._partitions[id(flat)] = partition
-        stored = optimizer.state[flat]
+        stored = state[flat]
         if not stored:
-            _init_partition_state(optimizer, partition)
+            partition.layer_states = [new_state(fragment) for fragment in partition.local(flat)]
+            state[flat] = {LAYERS_KEY: {}}
+            _store_layer_states(state[flat], partition, schema)
         elif not partition.bases or any(stored.get(key) is not base for key, base in partition.bases.items()):
             _attach_layer_states(stored, partition)  # a checkpoint was loaded, or DeepSpeed replaced the state
         return partition
 
 
-def _layout(flat: Tensor, record: _GroupRecord) -> tuple[list[LayerFragment], ProcessGroupDistributor]:
-    """The fragments of the layers of ``flat`` and the distributor over the ranks sharing it."""
-    trainable = [(j, p) for j, p in enumerate(record.params) if p.requires_grad]
-    ds_id = getattr(flat, "ds_id", None)
-    if isinstance(ds_id, str):
-        first, last = (int(part) for part in ds_id.split("_"))
-        ids = [p.ds_id for _, p in trainable]
-        members = [(j, p) for j, p in trainable[ids.index(first): ids.index(last) + 1] if p.ds_numel > 0]
-        fragments = zero3_fragments([p for _, p in members], [j for j, _ in members])
-        group = members[0][1].ds_process_group
-    else:
-        members = [(j, p) for j, p in trainable if p.numel() > 0]
-        group = members[0][1]._dp_group
-        rank = dist.get_rank(group=group)
-        fragments = zero12_fragments([p for _, p in members], [j for j, _ in members], rank * flat.numel(), flat.numel())
-    end = max(f.offset + f.length for f in fragments)
-    if end > flat.numel():
-        raise RuntimeError(f"the layers' fragments end at element {end}, past the partition's {flat.numel()}")
-    return fragments, ProcessGroupDistributor(group)
-
-
 # -- state in the partition --------------------------------------------------------------------
-def _init_partition_state(optimizer: CBLR, partition: Partition) -> None:
-    """The optimizer's fresh state of every fragment (its ``_init_state``), stored into the partition."""
-    layer_states = []
-    for fragment in partition.local(partition.flat):
-        optimizer._init_state(fragment)
-        layer_states.append(optimizer.state.pop(fragment))
-    partition.layer_states = layer_states
-    optimizer.state[partition.flat] = {LAYERS_KEY: {}}
-    _store_layer_states(optimizer.state[partition.flat], partition, optimizer.estimator.sample_state_keys)
-
-
 def _attach_layer_states(stored: dict[str, Any], partition: Partition) -> None:
     """Per-layer views of a partition's stored state; refuses state saved for another partitioning."""
     layers = stored[LAYERS_KEY]
@@ -416,11 +413,11 @@ def _attach_layer_states(stored: dict[str, Any], partition: Partition) -> None:
     partition.bases = dict(stored)
 
 
-def _store_layer_states(stored: dict[str, Any], partition: Partition, row_keys: Sequence[str]) -> None:
-    """Move state the last step created or replaced per layer into the partition's storage.
+def _store_layer_states(stored: dict[str, Any], partition: Partition, schema: Mapping[str, StateKind]) -> None:
+    """Move state the last step created or replaced per layer into the partition's storage, by its declared kind.
 
-    A scalar per layer goes to ``stored["layers"][key]``, a tensor with one value per element of the
-    fragment to a flat tensor shaped like the partition, a 1-D row of another length (``row_keys``) into
+    A :attr:`~StateKind.LAYER` scalar goes to ``stored["layers"][key]``, an :attr:`~StateKind.ELEMENT` tensor (one
+    value per element of the fragment) to a flat tensor shaped like the partition, a :attr:`~StateKind.ROW` into
     ``stored["layer_rows"][key]``; the layer dicts then hold views of the storage.
     """
     layers = stored[LAYERS_KEY]
@@ -428,36 +425,39 @@ def _store_layer_states(stored: dict[str, Any], partition: Partition, row_keys: 
         values = [state.get(key) for state in partition.layer_states]
         if any(value is None for value in values):
             raise RuntimeError(f"optimizer state {key!r} exists for some layers of a partition only")
-        if key in row_keys:
+        kind = schema.get(key)
+        if kind is StateKind.ROW:
             rows = stored.setdefault(ROWS_KEY, {})
             lengths = [value.numel() for value in values]
             if key not in rows or rows[key]["lengths"].tolist() != lengths:
                 rows[key] = {"values": torch.cat([value.reshape(-1) for value in values]),
                              "lengths": torch.tensor(lengths, dtype=torch.int64)}
             views = list(rows[key]["values"].split(lengths))
-        elif key in layers or all(value.ndim == 0 for value in values):
+        elif kind is StateKind.LAYER and all(value.ndim == 0 for value in values):
             if key not in layers:
                 layers[key] = torch.stack(values).to(torch.float32)
             views = list(layers[key].unbind())
-        elif all(value.ndim == 1 and value.numel() == f.length for value, f in zip(values, partition.fragments, strict=True)):
+        elif kind is StateKind.ELEMENT and all(value.numel() == fragment.length
+                                               for value, fragment in zip(values, partition.fragments, strict=True)):
             if key not in stored:
                 stored[key] = torch.zeros_like(partition.flat, dtype=values[0].dtype)
             views = partition.local(stored[key])
         else:
             raise RuntimeError(
-                f"optimizer state {key!r} is neither one value per layer nor one per element of the layer; "
-                "it cannot be kept in a ZeRO partition"
+                f"optimizer state {key!r} is declared {kind} in the optimizer's state schema but holds tensors of shapes "
+                f"{sorted({tuple(value.shape) for value in values})}: declare every state entry as StateKind.LAYER (a "
+                "0-d tensor per layer), ELEMENT (one value per element) or ROW (a 1-D row per layer) to keep it in a "
+                "ZeRO partition"
             )
         for state, value, view in zip(partition.layer_states, values, views, strict=True):
             if value is not view:
-                view.copy_(value)
+                view.copy_(value.reshape(view.shape))
                 state[key] = view
     partition.bases = dict(stored)
 
 
-def check_zero_support(optimizer: CBLR) -> None:
+def check_zero_support(estimator: CurvatureEstimator) -> None:
     """Raise ``NotImplementedError`` for an estimator that cannot run on ZeRO partitions, saying what to use."""
-    estimator = optimizer.estimator
     if not estimator.supports_partitions:
         raise NotImplementedError(
             f"curvature={estimator.name!r} is not supported under DeepSpeed ZeRO: it reads each backward pass's gradient "

@@ -296,7 +296,7 @@ class CBLRTrainer(Trainer):
         self._install_closure(optimizer)
         ours = find_optimizer(optimizer)
         if ours is not None and self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage > 0:
-            check_zero_support(ours)
+            check_zero_support(ours.estimator)
         return optimizer
 
     def _create_hf_cblr_optimizer(self, model: nn.Module) -> Optimizer:
