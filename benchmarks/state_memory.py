@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from transformers import BertConfig, BertForSequenceClassification
 
 import hf_cblr
-from hf_cblr.optim.curvature import CURVATURE_ESTIMATORS
+from hf_cblr.optim.estimators import CURVATURE_ESTIMATORS
 
 WEIGHT_DECAY = 0.01
 

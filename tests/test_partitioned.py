@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from hf_cblr.optim import get_optimizer_info
-from hf_cblr.optim.curvature import SecantCurvature, register_curvature_estimator
+from hf_cblr.optim.estimators import SecantCurvature, register_curvature_estimator
 from hf_cblr.optim.partitioned import LAYERS_KEY, ROWS_KEY, zero3_fragments, zero12_fragments
-from hf_cblr.optim.types import LayerBatch, LayerFragment, StateKind
+from hf_cblr.optim.types import LayerBatch, LayerFragment, Prelude, StateKind
 
 SHAPES = [(5, 7), (7,), (3, 7), (3,), (4, 3)]  # odd sizes: layers cut across the partition boundaries
 
@@ -241,8 +241,8 @@ class _UndeclaredStateSecant(SecantCurvature):
     name = "test_undeclared_state"
     state_schema: ClassVar[dict[str, StateKind]] = {"prev_grad": StateKind.ELEMENT}
 
-    def after_update(self, batch: LayerBatch) -> None:
-        super().after_update(batch)
+    def finish(self, batch: LayerBatch, prelude: Prelude) -> None:
+        super().finish(batch, prelude)
         for state in batch.states:
             state["undeclared"] = torch.zeros(())
 

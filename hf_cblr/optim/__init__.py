@@ -1,7 +1,7 @@
 """The CBLR optimizer family: CBLR, MCLR, LARS, LAMB, their curvature estimators and registry."""
 
 from hf_cblr.optim.cblr import CBLR
-from hf_cblr.optim.curvature import CURVATURE_ESTIMATORS, CurvatureEstimator, register_curvature_estimator
+from hf_cblr.optim.estimators import CURVATURE_ESTIMATORS, CurvatureEstimator, register_curvature_estimator
 from hf_cblr.optim.lamb import LAMB
 from hf_cblr.optim.lars import LARS
 from hf_cblr.optim.mclr import MCLR

@@ -16,7 +16,11 @@ and trust coefficient :math:`\tau`:
         u = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \beta w,\quad w \leftarrow w - \eta\, r_l\, u
 
 With ``curvature="weight_norm"`` the SGD base is LARS and the Adam base is LAMB, number for number.
-The estimators live in :mod:`hf_cblr.optim.curvature`; the full derivation in ``docs/algorithm.md``.
+
+The class gathers the layers (its own, or under ZeRO the fragments of :mod:`hf_cblr.optim.partitioned`) and calls
+the functional step, :func:`hf_cblr.optim.functional.cblr_step`, with its parts: the base direction
+(:mod:`hf_cblr.optim.directions`), the estimator (:mod:`hf_cblr.optim.estimators`) and the rate rule
+(:mod:`hf_cblr.optim.rates`). The full derivation is in ``docs/algorithm.md``, the flow in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -30,24 +34,20 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_cblr.optim._tensor_ops import TensorList, chunk_elements, select_ops
-from hf_cblr.optim.curvature import AGGREGATES, CURVATURE_ESTIMATORS, create_curvature_estimator
+from hf_cblr.optim._tensor_ops import select_ops
+from hf_cblr.optim.directions import DIRECTIONS, create_direction
+from hf_cblr.optim.estimators import AGGREGATES, CURVATURE_ESTIMATORS, create_curvature_estimator
+from hf_cblr.optim.functional import StepParts, cblr_step
 from hf_cblr.optim.param_groups import layer_ndim
 from hf_cblr.optim.partitioned import PartitionedLayers, PartitionLayout
-from hf_cblr.optim.types import Closure, LayerBatch, StateKind, in_mask, layer_batch
+from hf_cblr.optim.rates import create_rate_rule
+from hf_cblr.optim.types import LayerBatch, StateKind, in_mask, layer_batch
 
-BASES = ("sgd", "adam")
+BASES = tuple(DIRECTIONS)
 #: ``trust`` when none is given, per base, chosen with the default ``curvature`` (``docs/study.md``): on the SGD base
 #: with ``lr = 0.1`` a layer takes 1% of its Newton step; on the Adam base the value that fine-tunes MiniLM on SST-2
 #: at batch 1024 with AdamW's ``lr = 5e-4``.
 DEFAULT_TRUST = {"sgd": 0.1, "adam": 3000.0}
-#: The kinds of the state entries of a layer, per base direction (the estimator declares its own).
-BASE_STATE_SCHEMAS: dict[str, dict[str, StateKind]] = {
-    "sgd": {"step": StateKind.LAYER, "curvature": StateKind.LAYER, "update_norm": StateKind.LAYER,
-            "momentum_buffer": StateKind.ELEMENT},
-    "adam": {"step": StateKind.LAYER, "curvature": StateKind.LAYER, "update_norm": StateKind.LAYER,
-             "exp_avg": StateKind.ELEMENT, "exp_avg_sq": StateKind.ELEMENT},
-}
 #: ``state_dict()[SETTINGS_KEY]``: the settings the saved state belongs to (:meth:`CBLR._estimator_settings`).
 SETTINGS_KEY = "hf_cblr"
 
@@ -105,7 +105,7 @@ class CBLR(Optimizer):
         weight_decay: :math:`\beta`, inside the direction (coupled for SGD, decoupled AdamW-style for Adam).
         trust: :math:`\tau`, the numerator of the layer rate :math:`r_l = \tau / c_l`; :math:`\eta\tau` is the
             fraction of the layer's Newton step taken. Default (None): :data:`DEFAULT_TRUST` of the base.
-        curvature: estimator name, one of :data:`~hf_cblr.optim.curvature.CURVATURE_ESTIMATORS`:
+        curvature: estimator name, one of :data:`~hf_cblr.optim.estimators.CURVATURE_ESTIMATORS`:
             ``secant_denoised`` (default), ``secant``, ``secant_elementwise``, ``weight_norm``, ``hvp``, ``fd``,
             ``hutchinson``. The plain stochastic ``secant`` collapses the rates when fine-tuning a transformer
             (``docs/algorithm.md``, §4 and §8); ``secant_denoised`` needs two or more backward passes per
@@ -138,9 +138,8 @@ class CBLR(Optimizer):
     other estimators a closure is called once, as in ``torch.optim.SGD``.
     """
 
-    #: The rates depend on all adapted layers together (:meth:`_reference_curvature` is not a constant), so
-    #: under ZeRO one ``step`` must see all of them or none.
-    rates_need_all_layers: ClassVar[bool] = False
+    #: The rate rule (:mod:`hf_cblr.optim.rates`): CBLR's ``tau / c_l``.
+    rate_rule: ClassVar[str] = "inverse_curvature"
 
     def __init__(
         self,
@@ -190,6 +189,8 @@ class CBLR(Optimizer):
         self.estimator = create_curvature_estimator(
             curvature, aggregate=aggregate, sample_size=sample_size, seed=seed, fd_step=fd_step
         )
+        #: The composition of the step: base direction x curvature estimator x rate rule.
+        self.parts = StepParts(create_direction(base), self.estimator, create_rate_rule(self.rate_rule))
         if update_interval != 1 and not self.estimator.needs_closure:
             raise ValueError(
                 f"update_interval={update_interval} applies to the closure estimators 'hvp', 'fd', 'hutchinson'; "
@@ -228,7 +229,7 @@ class CBLR(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         batches = self._partitioned.batches(
-            self.param_groups, self.state, new_state=self._new_state, schema=self.state_schema, foreach=self.foreach,
+            self.param_groups, self.state, new_state=self.parts.new_state, schema=self.state_schema, foreach=self.foreach,
             rates_need_all_layers=self.rates_need_all_layers, optimizer_name=type(self).__name__,
             estimator=self.estimator)
         if batches is None:
@@ -236,41 +237,13 @@ class CBLR(Optimizer):
         if not batches:
             return loss
         step = self._advance_step_counters(batches)
-        if self.rates_need_all_layers or self.estimator.needs_closure:
-            loss = self._step_layers(batches, closure, step, loss)
-        else:  # a layer's rate is its own: the whole step one chunk at a time, its tensors still in the cache
-            for batch in batches:
-                for chunk in batch.chunks(chunk_elements(batch.params)):
-                    self._step_layers([chunk], None, step, loss)
+        estimate = not self.estimator.needs_closure or (step - 1) % self.update_interval == 0
+        closure_loss, stats = cblr_step(batches, self.parts, step=step, closure=closure, estimate=estimate)
+        for chunk_stats in stats:
+            for i, name in enumerate(chunk_stats.names):
+                self._last_layer_stats[name] = (chunk_stats.vectors, i)
         self._partitioned.store(self.state, self.state_schema)
-        return loss
-
-    def _step_layers(self, batches: list[LayerBatch], closure: Closure | None, step: int, loss: Tensor | None) -> Tensor | None:
-        """Step ``batches`` together: the directions of all their layers, then the estimates and rates, then the
-        updates (the first and last pass chunk by chunk, :meth:`LayerBatch.chunks`). Returns the loss of the
-        estimator's last closure call, or ``loss``."""
-        for batch in batches:
-            chunks = batch.chunks(chunk_elements(batch.params))
-            for chunk in chunks:
-                self.estimator.before_direction(chunk)
-                if self.base == "sgd":
-                    self._sgd_direction(chunk)
-                else:
-                    self._adam_direction(chunk)
-            batch.join(chunks)
-        if not self.estimator.needs_closure or (step - 1) % self.update_interval == 0:
-            losses: list[Tensor] = []
-            estimates = self.estimator.estimate(batches, _recording(closure, losses), step)
-            loss = losses[-1] if losses else loss
-            for batch, estimate in zip(batches, estimates, strict=True):
-                self._smooth_curvature(batch, estimate)
-        for batch, rates in zip(batches, self._layer_rates(batches), strict=True):
-            start = 0
-            for chunk in batch.chunks(chunk_elements(batch.params)):
-                self._apply_update(chunk, rates[start:start + len(chunk)])
-                self.estimator.after_update(chunk)
-                start += len(chunk)
-        return loss
+        return loss if closure_loss is None else closure_loss
 
     def _collect_batches(self) -> list[LayerBatch]:
         batches, first_layer_id = [], 0
@@ -281,7 +254,7 @@ class CBLR(Optimizer):
                 if param.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 if not self.state[param]:
-                    self.state[param] = self._new_state(param)
+                    self.state[param] = self.parts.new_state(param)
             if members:
                 params = [p for _, p in members]
                 batches.append(layer_batch(
@@ -293,21 +266,15 @@ class CBLR(Optimizer):
         return batches
 
     @property
-    def state_schema(self) -> dict[str, StateKind]:
-        """The kind of every entry of a layer's state: the base direction's and the estimator's."""
-        return {**BASE_STATE_SCHEMAS[self.base], **self.estimator.state_schema}
+    def rates_need_all_layers(self) -> bool:
+        """The rates depend on all adapted layers together (MCLR's median): under ZeRO one ``step`` must see all of
+        them or none."""
+        return self.parts.rate_rule.needs_all_layers
 
-    def _new_state(self, param: Tensor) -> dict[str, Any]:
-        """A fresh state for layer (or ZeRO fragment) ``param``, of the kinds :attr:`state_schema` declares."""
-        state: dict[str, Any] = {}
-        zero = torch.zeros((), dtype=torch.float32, device=param.device)
-        state["step"] = zero.clone()
-        state["curvature"] = zero.clone()  # 0: no estimate yet (valid estimates are > 0)
-        state["update_norm"] = zero.clone()  # |w_t - w_{t-1}| of the last update
-        if self.base == "adam":
-            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
-        return state
+    @property
+    def state_schema(self) -> dict[str, StateKind]:
+        """The kind of every entry of a layer's state: the step's, the base direction's and the estimator's."""
+        return self.parts.state_schema
 
     @staticmethod
     def _advance_step_counters(batches: list[LayerBatch]) -> int:
@@ -315,132 +282,6 @@ class CBLR(Optimizer):
         steps = [state["step"] for batch in batches for state in batch.states]
         torch._foreach_add_(steps, 1.0)
         return int(steps[0].item())
-
-    def _sgd_direction(self, batch: LayerBatch) -> None:
-        """``d = g + beta w`` (new tensors only where ``beta != 0``)."""
-        batch.grad_norms = batch.ops.norms(batch.grads)
-        batch.direction = _plus_decay(batch, list(batch.grads))
-
-    def _adam_direction(self, batch: LayerBatch) -> None:
-        r"""Update Adam's moments and form ``u = m_hat / (sqrt(v_hat) + eps) + beta w`` in one new tensor per layer.
-
-        With the bias corrections :math:`b_1 = 1 - \beta_1^t`, :math:`b_2 = 1 - \beta_2^t` of the layer's step,
-        :math:`s = \sqrt{b_2} / b_1` and :math:`q = m / (\sqrt v + \epsilon \sqrt{b_2})`,
-
-        .. math::  u = s\, q + \beta w = \beta\, \Big(w + \frac{s}{\beta}\, q\Big)
-
-        so the bias corrections are per-layer scalars and cost no pass over the layer: ``batch.direction``
-        holds :math:`q`, or on decayed layers :math:`w + (s / \beta) q` (one fused pass), and
-        ``batch.direction_scales`` the factor (:math:`s`, or :math:`\beta`) that the update folds into the
-        layer rate. ``sqrt(v)`` goes into the workspace the estimator lends (the secant's previous-gradient
-        buffer) or else into the one new tensor, then is overwritten in place. The secant estimator also
-        needs the preconditioner's gain :math:`|P \hat m| / |\hat m| = \sqrt{b_2}\, |q| / |m|`: there ``q`` is
-        formed first, its norm taken in one ``ops.norms`` call with ``|g|`` and ``|m|``, and ``(\beta / s) w``
-        added after.
-        """
-        beta1, beta2 = batch.group["betas"]
-        beta = batch.group["weight_decay"]
-        ops, grads, weights = batch.ops, batch.grads, batch.weights
-        exp_avgs = [state["exp_avg"] for state in batch.states]
-        exp_avg_sqs = [state["exp_avg_sq"] for state in batch.states]
-        steps = torch.stack([state["step"] for state in batch.states]).tolist()
-        bias_corrections1 = [_bias_correction(beta1, step) for step in steps]
-        sqrt_bias_corrections2 = [math.sqrt(_bias_correction(beta2, step)) for step in steps]
-        scales = [c2 / c1 for c1, c2 in zip(bias_corrections1, sqrt_bias_corrections2, strict=True)]
-        decay = batch.decay.tolist()
-        decayed = [i for i, value in enumerate(decay) if value != 0]
-        ops.lerp_(exp_avgs, grads, 1 - beta1)
-        ops.mul_(exp_avg_sqs, beta2)
-        ops.addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-        direction = ops.sqrt(exp_avg_sqs, outs=batch.workspace)
-        ops.add_scalars_(direction, [batch.group["eps"] * c2 for c2 in sqrt_bias_corrections2])
-        if self.estimator.needs_preconditioner_gains:
-            ops.divide_into_(exp_avgs, direction)
-            grad_norms, momentum_norms, q_norms = ops.norms(grads + exp_avgs + direction).split(len(batch))
-            gains = torch.tensor(sqrt_bias_corrections2, device=momentum_norms.device) * q_norms / momentum_norms
-            batch.preconditioner_gains = torch.where(momentum_norms > 0, gains, torch.zeros_like(gains))
-            ops.add_scaled_([direction[i] for i in decayed], [weights[i] for i in decayed], [beta / scales[i] for i in decayed])
-            direction_norms = ops.norms(direction)
-        else:
-            plain = [i for i, value in enumerate(decay) if value == 0]
-            ops.divide_into_([exp_avgs[i] for i in plain], [direction[i] for i in plain])
-            ops.addcdiv_into_([weights[i] for i in decayed], [exp_avgs[i] for i in decayed], [direction[i] for i in decayed],
-                              [scales[i] / beta for i in decayed])
-            for i in decayed:
-                scales[i] = beta
-            grad_norms, direction_norms = ops.norms(grads + direction).split(len(batch))  # one reduction under ZeRO
-        batch.grad_norms = grad_norms
-        batch.second_moments = exp_avg_sqs
-        batch.inverse_sqrt_bias_corrections2 = [1 / c2 for c2 in sqrt_bias_corrections2]
-        batch.direction = direction
-        batch.direction_scales = torch.tensor(scales, device=batch.decay.device)
-        batch.direction_norms = direction_norms * batch.direction_scales.to(grad_norms.device)
-
-    def _smooth_curvature(self, batch: LayerBatch, estimate: Tensor) -> None:
-        """EMA of valid estimates; the first valid estimate is taken as is; invalid ones keep the old value."""
-        previous = torch.stack([state["curvature"] for state in batch.states])
-        ema = 0.0 if self.estimator.smoothed else batch.group["curvature_ema"]
-        smoothed = torch.where(previous > 0, ema * previous + (1 - ema) * estimate, estimate)
-        valid = torch.isfinite(estimate) & (estimate > 0)
-        batch.ops.copy_([state["curvature"] for state in batch.states],
-                        list(torch.where(valid, smoothed, previous).unbind()))
-
-    def _layer_rates(self, batches: list[LayerBatch]) -> list[Tensor]:
-        """``r_l = clamp(tau c_ref / (c_l + eps_c), min_ratio, max_ratio)``; 1 outside the mask or without an estimate."""
-        curvatures = [torch.stack([state["curvature"] for state in batch.states]) for batch in batches]
-        reference = self._reference_curvature(batches, curvatures)
-        rates = []
-        for batch, curvature in zip(batches, curvatures, strict=True):
-            group = batch.group
-            rate = (group["trust"] * reference / (curvature + group["curvature_eps"])).clamp_(
-                min=group["min_ratio"], max=group["max_ratio"])
-            rates.append(torch.where(batch.adapt & (curvature > 0), rate, torch.ones_like(rate)))
-        return rates
-
-    def _reference_curvature(self, batches: list[LayerBatch], curvatures: list[Tensor]) -> Tensor | float:
-        """``c_ref``: 1 for CBLR, whose rate is ``tau / c_l``; MCLR divides by the median instead."""
-        return 1.0
-
-    def _apply_update(self, batch: LayerBatch, rates: Tensor) -> None:
-        group, ops = batch.group, batch.ops
-        lr = group["lr"]
-        if self.base == "adam":
-            update_norms = lr * rates * batch.direction_norms
-            ops.addcmul_(batch.weights, batch.direction, list((rates * batch.direction_scales).unbind()), value=-lr)
-        else:
-            steps = self._sgd_momentum(batch, list(rates.unbind()))
-            update_norms = lr * ops.norms(steps)
-            ops.add_(batch.weights, steps, alpha=-lr)
-        low_precision = [i for i, p in enumerate(batch.params) if p.dtype != torch.float32]
-        ops.copy_([batch.params[i] for i in low_precision], [batch.weights[i] for i in low_precision])
-        ops.copy_([state["update_norm"] for state in batch.states], list(update_norms.unbind()))
-        stats = {"curvature": torch.stack([state["curvature"] for state in batch.states]), "rate": rates,
-                 "update_norm": update_norms, "grad_norm": batch.grad_norms}
-        for i, name in enumerate(batch.names):
-            self._last_layer_stats[name] = (stats, i)
-
-    def _sgd_momentum(self, batch: LayerBatch, rate_list: list[Tensor]) -> TensorList:
-        """The step ``b`` (or Nesterov's ``r d + mu b``) after ``b <- mu b + (1 - dampening) r d``."""
-        group, ops = batch.group, batch.ops
-        momentum = group["momentum"]
-        scaled = None
-        if momentum == 0 or group["nesterov"]:
-            scaled = ops.mul(batch.direction, rate_list)
-            if momentum == 0:
-                return scaled
-        continuing = [i for i, state in enumerate(batch.states) if "momentum_buffer" in state]
-        buffers = [batch.states[i]["momentum_buffer"] for i in continuing]
-        ops.mul_(buffers, momentum)
-        ops.addcmul_(buffers, [batch.direction[i] for i in continuing], [rate_list[i] for i in continuing],
-                     value=1 - group["dampening"])
-        for i, state in enumerate(batch.states):
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = (batch.direction[i] * rate_list[i]).detach()
-        buffers = [state["momentum_buffer"] for state in batch.states]
-        if scaled is None:
-            return buffers
-        ops.add_(scaled, buffers, alpha=momentum)
-        return scaled
 
     # -- diagnostics and checkpoints -----------------------------------------------------------
     def layers_of(self, group: dict[str, Any]) -> list[Tensor]:
@@ -489,37 +330,3 @@ class CBLR(Optimizer):
             for key, value in state_dict["state"].get(param_id, {}).items():
                 if isinstance(value, Tensor) and value.dtype != param.dtype:
                     self.state[param][key] = value.to(device=param.device, copy=True)
-
-
-def _bias_correction(beta: float, step: float) -> float:
-    """Adam's ``1 - beta^t`` as ``-expm1(t log beta)``, which keeps full precision for ``beta`` near 1, where
-    ``1 - beta^t`` cancels digits."""
-    if beta == 0:
-        return 1.0
-    return -math.expm1(step * math.log(beta))
-
-
-def _plus_decay(batch: LayerBatch, direction: TensorList) -> TensorList:
-    """``direction`` with ``beta w`` added to its decayed layers (in the batch's workspace, or new tensors)."""
-    beta = batch.group["weight_decay"]
-    decayed = [i for i, value in enumerate(batch.decay.tolist()) if value != 0]
-    if beta == 0 or not decayed:
-        return direction
-    targets = [direction[i] for i in decayed]
-    weights = [batch.weights[i] for i in decayed]
-    outs = [batch.workspace[i] for i in decayed]
-    for i, new in zip(decayed, batch.ops.add(targets, weights, alpha=beta, outs=outs), strict=True):
-        direction[i] = new
-    return direction
-
-
-def _recording(closure: Closure | None, losses: list[Tensor]) -> Closure | None:
-    """Wrap ``closure`` so the loss of its last call can be returned from ``step``."""
-    if closure is None:
-        return None
-
-    def recorded() -> Tensor:
-        losses.append(closure())
-        return losses[-1]
-
-    return recorded

@@ -21,12 +21,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-from torch import Tensor
-
 from hf_cblr.optim.cblr import CBLR
-from hf_cblr.optim.curvature import CURVATURE_ESTIMATORS
-from hf_cblr.optim.types import LayerBatch
+from hf_cblr.optim.estimators import CURVATURE_ESTIMATORS
 
 ELEMENTWISE_ESTIMATORS = tuple(sorted(name for name, cls in CURVATURE_ESTIMATORS.items() if cls.elementwise))
 
@@ -35,7 +31,7 @@ class MCLR(CBLR):
     """Median-curvature learning rate. Takes the arguments of :class:`CBLR`; ``curvature`` must be
     element-wise (``secant_elementwise``, the default, or ``hutchinson``) and ``aggregate`` is ``median``."""
 
-    rates_need_all_layers: ClassVar[bool] = True
+    rate_rule: ClassVar[str] = "median"
 
     def __init__(self, params: Any, lr: float = 0.1, trust: float = 1.0, curvature: str = "secant_elementwise",
                  aggregate: str = "median", **kwargs: Any) -> None:
@@ -47,8 +43,3 @@ class MCLR(CBLR):
         if aggregate != "median":
             raise ValueError(f"MCLR aggregates by the median: aggregate={aggregate!r} is not valid; valid values: ['median']")
         super().__init__(params, lr=lr, trust=trust, curvature=curvature, aggregate=aggregate, **kwargs)
-
-    def _reference_curvature(self, batches: list[LayerBatch], curvatures: list[Tensor]) -> Tensor | float:
-        """The median curvature over the adapted layers that have an estimate (1 while none has)."""
-        known = torch.cat([c[batch.adapt & (c > 0)] for batch, c in zip(batches, curvatures, strict=True)])
-        return known.median() if known.numel() else 1.0

@@ -60,7 +60,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hf_cblr.optim._tensor_ops import ForeachTensorListOps, TensorListOps, select_ops
-from hf_cblr.optim.curvature import CurvatureEstimator
+from hf_cblr.optim.estimators import CurvatureEstimator
 from hf_cblr.optim.types import LayerBatch, LayerFragment, StateKind, layer_batch
 
 #: ``state[partition]["layers"]``: the per-layer scalars of a flat partition, one ``[num_layers]`` vector each.

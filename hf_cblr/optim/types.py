@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from itertools import chain, pairwise
 from typing import Any
 
@@ -63,62 +63,53 @@ class LayerFragment:
         return torch.Size(self.shape).numel()
 
 
-#: ``LayerBatch`` field metadata: one entry per layer (sliced by :meth:`LayerBatch.chunks`) ...
-PER_LAYER = {"per_layer": True}
-#: ... and computed by the step per chunk (joined back by :meth:`LayerBatch.join`).
-PER_LAYER_RESULT = {"per_layer": True, "result": True}
+def concat_per_layer(parts: list[Any]) -> Any:
+    """One dataclass of per-layer results from the same dataclass computed on consecutive chunks of layers.
+
+    Every field is per layer: tensors are concatenated, lists chained; a field that is None in the parts stays
+    None, and a scalar must be the same in every part. A field of any other type is an error, never dropped.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    values = {}
+    for f in fields(parts[0]):
+        items = [getattr(part, f.name) for part in parts]
+        if all(item is None for item in items):
+            values[f.name] = None
+        elif all(isinstance(item, Tensor) for item in items):
+            values[f.name] = torch.cat(items)
+        elif all(isinstance(item, list) for item in items):
+            values[f.name] = list(chain.from_iterable(items))
+        elif all(isinstance(item, (int, float)) for item in items) and len(set(items)) == 1:
+            values[f.name] = items[0]
+        else:
+            raise TypeError(f"{type(parts[0]).__name__}.{f.name} is not a per-layer field (tensor, list or None): "
+                            f"cannot join its chunks")
+    return type(parts[0])(**values)
 
 
 @dataclass
 class LayerBatch:
-    r"""The layers of one param group that have a gradient this step, in fp32.
+    """The layers of one param group that have a gradient this step, in fp32: the inputs of a step.
 
-    ``direction`` is the base optimizer's direction before the layer rate: ``g + beta w`` for the
-    SGD base; for the Adam base ``u = m_hat / (sqrt(v_hat) + eps) + beta w`` up to a factor per layer,
-    :math:`u_l = k_l\, d_l` with ``direction`` holding :math:`d_l` and ``direction_scales`` the :math:`k_l`
-    (so the bias corrections and the weight decay's factor cost no pass over the layer; see
-    ``CBLR._adam_direction``). ``direction_norms`` are the norms :math:`|u_l|`, computed once (through
-    ``ops``, so reduced over ranks under ZeRO) for every user.
-    The Adam preconditioner :math:`P = 1 / (\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon)` is kept as
-    its parts, ``second_moments`` :math:`v` and ``inverse_sqrt_bias_corrections2``, and formed where used.
     Under DeepSpeed ZeRO ``params`` are 1-D fragments of the layers, described by ``fragments``
-    (None: whole layers).
+    (None: whole layers). ``decay`` is each layer's weight decay :math:`\\beta` (0 outside the weight decay mask),
+    ``adapt`` whether it is in the adaptation mask. ``ops`` are the kernels the step runs on these layers (their
+    norms reduced over the ranks under ZeRO). Nothing writes into a batch: every part of the step returns its
+    results (:class:`Direction`, :class:`Prelude`, estimates, rates).
     """
 
     group: dict[str, Any]
-    params: list[Tensor] = field(metadata=PER_LAYER)
-    weights: TensorList = field(metadata=PER_LAYER)
-    grads: TensorList = field(metadata=PER_LAYER)
-    states: list[dict[str, Any]] = field(metadata=PER_LAYER)
-    names: list[str] = field(metadata=PER_LAYER)
-    layer_ids: list[int] = field(metadata=PER_LAYER)
-    decay: Tensor = field(metadata=PER_LAYER)
-    adapt: Tensor = field(metadata=PER_LAYER)
+    params: list[Tensor]
+    weights: TensorList
+    grads: TensorList
+    states: list[dict[str, Any]]
+    names: list[str]
+    layer_ids: list[int]
+    decay: Tensor
+    adapt: Tensor
     ops: TensorListOps
-    direction: TensorList = field(default_factory=list, metadata=PER_LAYER_RESULT)
-    #: Adam base: :math:`k_l` with :math:`u_l = k_l` ``direction[l]``; None for the SGD base (all 1).
-    direction_scales: Tensor | None = field(default=None, metadata=PER_LAYER_RESULT)
-    #: Adam base: :math:`|u_l|`.
-    direction_norms: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
-    #: Adam base: ``v`` (None for the SGD base, whose preconditioner is the identity).
-    second_moments: TensorList | None = field(default=None, metadata=PER_LAYER_RESULT)
-    #: Adam base: :math:`1 / \sqrt{1 - \beta_2^{t_l}}` per layer.
-    inverse_sqrt_bias_corrections2: list[float] = field(default_factory=list, metadata=PER_LAYER_RESULT)
-    grad_norms: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
-    #: Adam base: ``|P m_hat| / |m_hat|`` per layer, the preconditioner's gain along the momentum.
-    preconditioner_gains: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
-    fragments: list[LayerFragment] | None = field(default=None, metadata=PER_LAYER)
-    #: Per layer, an fp32 buffer of the layer's (or fragment's) size that the estimator lends to this step
-    #: (:meth:`CurvatureEstimator.before_direction`), so the direction needs no new tensor; None: none lent.
-    workspace: list[Tensor | None] = field(default_factory=list, metadata=PER_LAYER_RESULT)
-    #: Secant estimators: ``|g_t - g_{t-1}|`` per layer, NaN where there is no previous gradient.
-    grad_change_norms: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
-    #: Denoised secant: the gradient's noise variance as a fraction of ``|g|^2`` per layer, NaN where unknown.
-    grad_noise_fractions: Tensor = field(default_factory=lambda: torch.empty(0), metadata=PER_LAYER_RESULT)
-
-    def __post_init__(self) -> None:
-        if not self.workspace:
-            self.workspace = [None] * len(self.params)
+    fragments: list[LayerFragment] | None = None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -130,8 +121,7 @@ class LayerBatch:
 
         The step takes one chunk at a time through all its kernels (the whole step where a layer's rate is
         its own; else the direction, then, after the rates, the update), so that on the CPU each kernel finds
-        the chunk's tensors still in the cache (``docs/algorithm.md``, "Numerics"). A chunk holds slices of
-        this batch's per-layer fields, results included.
+        the chunk's tensors still in the cache (``docs/algorithm.md``, "Numerics").
         """
         if max_elements is None or self.fragments is not None:
             return [self]
@@ -148,37 +138,73 @@ class LayerBatch:
 
     def _slice(self, start: int, stop: int) -> LayerBatch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for f in fields(self):
-            if f.metadata.get("per_layer") and values[f.name] is not None:
-                values[f.name] = values[f.name][start:stop]
+        for name in ("params", "weights", "grads", "states", "names", "layer_ids", "decay", "adapt"):
+            values[name] = values[name][start:stop]
         return LayerBatch(**values)
-
-    def join(self, chunks: list[LayerBatch]) -> None:
-        """Take as this batch's the per-layer results that its ``chunks`` (from :meth:`chunks`) computed."""
-        if len(chunks) == 1 and chunks[0] is self:
-            return
-        for f in fields(self):
-            parts = [getattr(chunk, f.name) for chunk in chunks]
-            if f.metadata.get("result") and parts[0] is not None:
-                setattr(self, f.name, torch.cat(parts) if isinstance(parts[0], Tensor) else list(chain.from_iterable(parts)))
 
     def no_estimates(self) -> Tensor:
         """A vector of NaN, one per layer: no estimate yet."""
         return torch.full((len(self),), math.nan, device=self.decay.device)
 
-    def precondition_(self, tensors: TensorList) -> None:
-        """Apply Adam's preconditioner ``P`` in place (the identity for the SGD base)."""
-        if self.second_moments is not None:
-            self.ops.div_(tensors, self.ops.adam_denominators(
-                self.second_moments, self.inverse_sqrt_bias_corrections2, self.group["eps"]))
+
+@dataclass
+class Direction:
+    r"""What a base direction (:mod:`hf_cblr.optim.directions`) gives the rest of the step, per layer.
+
+    The step of layer :math:`l` is :math:`-\eta\, r_l\, u_l` with :math:`u_l = k_l\, d_l`: ``tensors`` hold
+    :math:`d_l` and ``scales`` the :math:`k_l` (None: all 1), so per-layer factors cost no pass over the layer.
+    ``grad_norms`` are :math:`|g_l|` and ``norms`` :math:`|u_l|` where the base computes them (None: not computed).
+    Its methods are the base's preconditioner :math:`P` (the identity for momentum SGD), which the estimators
+    apply without knowing which base they run on.
+    """
+
+    tensors: TensorList
+    grad_norms: Tensor
+    scales: Tensor | None = None
+    norms: Tensor | None = None
+
+    def gains(self) -> Tensor | float:
+        r"""The preconditioner's gain :math:`|P \hat m| / |\hat m|` per layer (1: the identity)."""
+        return 1.0
+
+    def trust_numerators(self, weight_norms: Tensor, decay: Tensor) -> Tensor:
+        r"""The numerator of the trust ratio :math:`c_l = (\cdot) / |w_l|` of LARS (:math:`|g| + \beta |w|`) or
+        LAMB (:math:`|u|`)."""
+        return self.grad_norms + decay * weight_norms
+
+    def precondition_(self, tensors: TensorList, ops: TensorListOps) -> None:
+        """Apply :math:`P` to ``tensors`` (one per layer) in place."""
 
     def preconditioner_at(self, index: int, positions: Tensor | None) -> Tensor | float:
-        """``P`` of layer ``index`` at the flat ``positions`` (all elements when None)."""
-        if self.second_moments is None:
-            return 1.0
-        second_moment = self.second_moments[index].reshape(-1)
-        second_moment = second_moment if positions is None else second_moment[positions]
-        return 1.0 / (second_moment.sqrt() * self.inverse_sqrt_bias_corrections2[index] + self.group["eps"])
+        """:math:`P` of layer ``index`` at the flat ``positions`` (all elements when None)."""
+        return 1.0
+
+    def precondition_rows_(self, rows: list[int], values: Tensor, sampled: Callable[[TensorList], Tensor]) -> None:
+        """Divide ``values`` (a ``[len(rows), length]`` matrix of the layers ``rows`` at their sampled elements) by
+        :math:`P^{-1}` at those elements; ``sampled`` turns per-layer tensors into such a matrix."""
+
+
+@dataclass
+class Prelude:
+    """What an estimator measures before the direction is formed (:meth:`CurvatureEstimator.prepare`) and gets
+    back in :meth:`~CurvatureEstimator.estimate` and :meth:`~CurvatureEstimator.finish`.
+
+    ``workspace``: per layer, an fp32 buffer of the layer's (or fragment's) size that the estimator lends to the
+    base direction for this step, so the direction needs no new tensor; None: none lent.
+    """
+
+    workspace: list[Tensor | None]
+
+
+@dataclass
+class EstimateInput:
+    """One batch's inputs to an estimator: the layers, their direction, the estimator's own prelude, and
+    :math:`|w_t - w_{t-1}|` of the last update per layer (0 before the first)."""
+
+    batch: LayerBatch
+    direction: Direction
+    prelude: Prelude
+    last_update_norms: Tensor
 
 
 def layer_batch(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,

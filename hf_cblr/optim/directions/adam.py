@@ -1,0 +1,133 @@
+"""``base="adam"``: the AdamW direction (decoupled weight decay) with a rate per layer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from hf_cblr.optim._tensor_ops import TensorList, TensorListOps
+from hf_cblr.optim.directions import BaseDirection, register_direction
+from hf_cblr.optim.types import Direction, LayerBatch, StateKind
+
+
+@dataclass
+class AdamDirection(Direction):
+    r"""The Adam direction, with its preconditioner :math:`P = 1 / (\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon)` kept as
+    its parts, ``second_moments`` :math:`v` and ``inverse_sqrt_bias_corrections2``, and formed where used."""
+
+    second_moments: TensorList | None = None
+    #: :math:`1 / \sqrt{1 - \beta_2^{t_l}}` per layer
+    inverse_sqrt_bias_corrections2: list[float] | None = None
+    eps: float = 0.0
+    #: :math:`|P \hat m| / |\hat m|` per layer, where asked for (:meth:`Adam.direction`'s ``gains``)
+    preconditioner_gains: Tensor | None = None
+
+    def gains(self) -> Tensor | float:
+        assert self.preconditioner_gains is not None, "the direction was formed without gains=True"
+        return self.preconditioner_gains
+
+    def trust_numerators(self, weight_norms: Tensor, decay: Tensor) -> Tensor:
+        return self.norms
+
+    def precondition_(self, tensors: TensorList, ops: TensorListOps) -> None:
+        ops.div_(tensors, ops.adam_denominators(self.second_moments, self.inverse_sqrt_bias_corrections2, self.eps))
+
+    def preconditioner_at(self, index: int, positions: Tensor | None) -> Tensor | float:
+        second_moment = self.second_moments[index].reshape(-1)
+        second_moment = second_moment if positions is None else second_moment[positions]
+        return 1.0 / (second_moment.sqrt() * self.inverse_sqrt_bias_corrections2[index] + self.eps)
+
+    def precondition_rows_(self, rows: list[int], values: Tensor, sampled: Callable[[TensorList], Tensor]) -> None:
+        denominators = sampled([self.second_moments[i] for i in rows]).sqrt_()
+        scales = torch.tensor([self.inverse_sqrt_bias_corrections2[i] for i in rows], device=denominators.device)
+        values /= denominators.mul_(scales[:, None]).add_(self.eps)
+
+
+@register_direction
+class Adam(BaseDirection):
+    r""":math:`m \leftarrow \beta_1 m + (1-\beta_1) g`, :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`,
+    :math:`u = \hat m / (\sqrt{\hat v} + \epsilon) + \beta w`, :math:`w \leftarrow w - \eta\, r_l\, u`."""
+
+    name = "adam"
+    state_schema: ClassVar[dict[str, StateKind]] = {"exp_avg": StateKind.ELEMENT, "exp_avg_sq": StateKind.ELEMENT}
+    needs_step_counts = True
+
+    def new_state(self, param: Tensor) -> dict[str, Any]:
+        return {"exp_avg": torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)}
+
+    def direction(self, batch: LayerBatch, workspace: list[Tensor | None], steps: list[float] | None, *,
+                  gains: bool) -> AdamDirection:
+        r"""Update Adam's moments and form ``u = m_hat / (sqrt(v_hat) + eps) + beta w`` in one new tensor per layer.
+
+        With the bias corrections :math:`b_1 = 1 - \beta_1^t`, :math:`b_2 = 1 - \beta_2^t` of the layer's step,
+        :math:`s = \sqrt{b_2} / b_1` and :math:`q = m / (\sqrt v + \epsilon \sqrt{b_2})`,
+
+        .. math::  u = s\, q + \beta w = \beta\, \Big(w + \frac{s}{\beta}\, q\Big)
+
+        so the bias corrections are per-layer scalars and cost no pass over the layer: the direction's tensors
+        hold :math:`q`, or on decayed layers :math:`w + (s / \beta) q` (one fused pass), and its scales the factor
+        (:math:`s`, or :math:`\beta`) that the update folds into the layer rate. ``sqrt(v)`` goes into the
+        ``workspace`` an estimator lends (the secant's previous-gradient buffer) or else into the one new tensor,
+        then is overwritten in place. With ``gains`` (the secant estimators) the preconditioner's gain
+        :math:`|P \hat m| / |\hat m| = \sqrt{b_2}\, |q| / |m|` is computed too: there ``q`` is formed first, its
+        norm taken in one ``ops.norms`` call with ``|g|`` and ``|m|``, and ``(\beta / s) w`` added after.
+        """
+        assert steps is not None
+        beta1, beta2 = batch.group["betas"]
+        beta = batch.group["weight_decay"]
+        ops, grads, weights = batch.ops, batch.grads, batch.weights
+        exp_avgs = [state["exp_avg"] for state in batch.states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in batch.states]
+        bias_corrections1 = [_bias_correction(beta1, step) for step in steps]
+        sqrt_bias_corrections2 = [math.sqrt(_bias_correction(beta2, step)) for step in steps]
+        scales = [c2 / c1 for c1, c2 in zip(bias_corrections1, sqrt_bias_corrections2, strict=True)]
+        decay = batch.decay.tolist()
+        decayed = [i for i, value in enumerate(decay) if value != 0]
+        ops.lerp_(exp_avgs, grads, 1 - beta1)
+        ops.mul_(exp_avg_sqs, beta2)
+        ops.addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        direction = ops.sqrt(exp_avg_sqs, outs=workspace)
+        ops.add_scalars_(direction, [batch.group["eps"] * c2 for c2 in sqrt_bias_corrections2])
+        preconditioner_gains = None
+        if gains:
+            ops.divide_into_(exp_avgs, direction)
+            grad_norms, momentum_norms, q_norms = ops.norms(grads + exp_avgs + direction).split(len(batch))
+            layer_gains = torch.tensor(sqrt_bias_corrections2, device=momentum_norms.device) * q_norms / momentum_norms
+            preconditioner_gains = torch.where(momentum_norms > 0, layer_gains, torch.zeros_like(layer_gains))
+            ops.add_scaled_([direction[i] for i in decayed], [weights[i] for i in decayed], [beta / scales[i] for i in decayed])
+            direction_norms = ops.norms(direction)
+        else:
+            plain = [i for i, value in enumerate(decay) if value == 0]
+            ops.divide_into_([exp_avgs[i] for i in plain], [direction[i] for i in plain])
+            ops.addcdiv_into_([weights[i] for i in decayed], [exp_avgs[i] for i in decayed], [direction[i] for i in decayed],
+                              [scales[i] / beta for i in decayed])
+            for i in decayed:
+                scales[i] = beta
+            grad_norms, direction_norms = ops.norms(grads + direction).split(len(batch))  # one reduction under ZeRO
+        direction_scales = torch.tensor(scales, device=batch.decay.device)
+        return AdamDirection(
+            tensors=direction, grad_norms=grad_norms, scales=direction_scales,
+            norms=direction_norms * direction_scales.to(grad_norms.device),
+            second_moments=exp_avg_sqs, inverse_sqrt_bias_corrections2=[1 / c2 for c2 in sqrt_bias_corrections2],
+            eps=batch.group["eps"], preconditioner_gains=preconditioner_gains,
+        )
+
+    def update(self, batch: LayerBatch, direction: Direction, rates: Tensor) -> Tensor:
+        lr = batch.group["lr"]
+        update_norms = lr * rates * direction.norms
+        batch.ops.addcmul_(batch.weights, direction.tensors, list((rates * direction.scales).unbind()), value=-lr)
+        return update_norms
+
+
+def _bias_correction(beta: float, step: float) -> float:
+    """Adam's ``1 - beta^t`` as ``-expm1(t log beta)``, which keeps full precision for ``beta`` near 1, where
+    ``1 - beta^t`` cancels digits."""
+    if beta == 0:
+        return 1.0
+    return -math.expm1(step * math.log(beta))

@@ -1,0 +1,66 @@
+"""``curvature="secant"``: the curvature along the last step, from two consecutive gradients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from hf_cblr.optim.estimators.base import CurvatureEstimator, nan_where, register_curvature_estimator
+from hf_cblr.optim.types import Closure, EstimateInput, LayerBatch, Prelude, StateKind
+
+
+@dataclass
+class SecantPrelude(Prelude):
+    """``|g_t - g_{t-1}|`` per layer, NaN where there is no previous gradient."""
+
+    grad_change_norms: Tensor
+
+
+@register_curvature_estimator
+class SecantCurvature(CurvatureEstimator):
+    """``c = p |g_t - g_{t-1}| / |w_t - w_{t-1}| + beta``: a secant along the last step.
+
+    ``p`` is the gain of the base preconditioner on the layer: 1 for the SGD base, and
+    ``|P m_hat| / |m_hat|`` for the Adam base (a scalar fit of ``P``; the element-wise ``|P dg|``
+    explodes on elements whose ``v`` is near zero, where Adam's step is bounded). Needs the previous
+    gradient (one fp32 copy) and the norm of the last update, which the step passes in, so no copy of the
+    weights is kept.
+
+    The previous-gradient buffer does double duty: :meth:`prepare` forms ``g_{t-1} - g_t`` in it
+    and takes the norm, the step then uses it as the workspace of its direction, and :meth:`finish`
+    copies ``g_t`` into it. So the secant costs the step no new tensor (``docs/algorithm.md``, "Numerics").
+    """
+
+    name = "secant"
+    needs_preconditioner_gains = True
+    state_schema: ClassVar[dict[str, StateKind]] = {"prev_grad": StateKind.ELEMENT}
+
+    def prepare(self, batch: LayerBatch) -> SecantPrelude:
+        has_previous = [i for i, state in enumerate(batch.states) if "prev_grad" in state]
+        grad_change_norms = batch.no_estimates()
+        workspace: list[Tensor | None] = [None] * len(batch)
+        if has_previous:
+            previous = [batch.states[i]["prev_grad"] for i in has_previous]
+            batch.ops.sub_(previous, [batch.grads[i] for i in has_previous])  # sign is irrelevant to the norm
+            grad_change_norms[has_previous] = batch.ops.norms(previous)
+            for i, buffer in zip(has_previous, previous, strict=True):
+                workspace[i] = buffer
+        return SecantPrelude(workspace, grad_change_norms)
+
+    def estimate(self, inputs: list[EstimateInput], closure: Closure | None, step: int) -> list[Tensor]:
+        estimates = []
+        for x in inputs:
+            step_norms = x.last_update_norms
+            secants = x.direction.gains() * x.prelude.grad_change_norms / step_norms + x.batch.decay  # NaN: no previous
+            estimates.append(nan_where(secants, step_norms == 0))
+        return estimates
+
+    def finish(self, batch: LayerBatch, prelude: Prelude) -> None:
+        continuing = [i for i, state in enumerate(batch.states) if "prev_grad" in state]
+        batch.ops.copy_([batch.states[i]["prev_grad"] for i in continuing], [batch.grads[i] for i in continuing])
+        for i, state in enumerate(batch.states):
+            if "prev_grad" not in state:
+                state["prev_grad"] = batch.grads[i].detach().clone(memory_format=torch.preserve_format)

@@ -1,0 +1,161 @@
+"""``curvature="secant_elementwise"``: per-element secants over a fixed sample of each layer (MCLR's default)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+from hf_cblr.optim._tensor_ops import TensorList
+from hf_cblr.optim.estimators.base import CurvatureEstimator, register_curvature_estimator
+from hf_cblr.optim.types import Closure, Direction, EstimateInput, LayerBatch, StateKind
+
+#: Elements whose weight change is below this fraction of the layer's mean |dw| carry no secant
+#: information and are ignored by the element-wise estimators.
+NEGLIGIBLE_STEP_FRACTION = 1e-3
+
+
+class FragmentSample(NamedTuple):
+    """The part of a layer's element sample that lies in one fragment of the layer (under ZeRO)."""
+
+    #: places in the layer's sample (``0 <= slot < size``) of the positions in the fragment
+    slots: Tensor
+    #: those positions, relative to the fragment's first element
+    local: Tensor
+    #: elements in the layer's whole sample: ``min(numel, sample_size)``
+    size: int
+
+
+@register_curvature_estimator
+class ElementwiseSecantCurvature(CurvatureEstimator):
+    """Per-element secants ``|P_i dg_i| / |dw_i|``, aggregated over the layer's element sample.
+
+    Keeps the previous gradient and weight at the sampled positions only (``sample_size`` values
+    each); elements whose ``|dw_i|`` is negligible are ignored. Layers of similar sample length are
+    computed together: their samples are padded with NaN into one ``[layers, length]`` matrix (lengths
+    within a factor 2, so padding at most doubles it), and NaN (padding, or an element that did not
+    move) is left out of the row's mean or median. On ZeRO fragments the sample is the
+    one of the whole layer, and the estimates are those of one process (:meth:`_estimate_on_fragments`).
+    """
+
+    name = "secant_elementwise"
+    elementwise = True
+    state_schema: ClassVar[dict[str, StateKind]] = {
+        "sample_prev_grad": StateKind.ROW, "sample_prev_weight": StateKind.ROW, "sample_positions": StateKind.ROW}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._fragment_samples: dict[tuple[int, int, int], FragmentSample] = {}
+
+    def estimate(self, inputs: list[EstimateInput], closure: Closure | None, step: int) -> list[Tensor]:
+        return [self._estimate(x.batch, x.direction) if x.batch.fragments is None
+                else self._estimate_on_fragments(x.batch, x.direction) for x in inputs]
+
+    def _estimate(self, batch: LayerBatch, direction: Direction) -> Tensor:
+        """One process, whole layers: the layers of similar sample length as one padded matrix."""
+        positions = [self._sample_positions(batch, i) for i in range(len(batch))]
+        grads = _samples(batch.grads, positions)
+        weights = _samples(batch.weights, positions)
+        estimate = batch.no_estimates()
+        known = [i for i, state in enumerate(batch.states) if "sample_prev_grad" in state]
+        for rows in _similar_lengths(known, [grads[i].numel() for i in known]):
+            curvatures = self._curvatures(batch, direction, rows, [positions[i] for i in rows], [grads[i] for i in rows],
+                                          [weights[i] for i in rows])
+            aggregated = curvatures.nanmedian(dim=1).values if self.aggregate == "median" else curvatures.nanmean(dim=1)
+            estimate[rows] = aggregated + batch.decay[rows]
+        for state, grad, weight in zip(batch.states, grads, weights, strict=True):
+            state["sample_prev_grad"] = grad
+            state["sample_prev_weight"] = weight
+        return estimate
+
+    def _secant(self, grad_change: Tensor, weight_change: Tensor) -> Tensor:
+        """``agg_i(P_i |dg_i| / |dw_i|)`` over the sampled elements with ``|dw_i| > 10^-3 mean_j |dw_j|``."""
+        moved = weight_change > NEGLIGIBLE_STEP_FRACTION * weight_change.mean()
+        return self._aggregate(grad_change[moved] / weight_change[moved])
+
+    def _estimate_on_fragments(self, batch: LayerBatch, direction: Direction) -> Tensor:
+        r"""The estimates of the whole layers from this rank's fragments: those of one process, to float rounding.
+
+        The rank keeps the previous gradient and weight at the sampled positions of its fragments only.
+        It writes :math:`P_i |\Delta g_i|` and :math:`|\Delta w_i|` of those positions, at their slots in
+        their layer's sample, into one zero vector ``[P|dg| of sample 1, |dw| of sample 1, P|dg| of
+        sample 2, ...]`` of all the batch's layers, and one all-reduce sums it over the ranks. Every
+        sampled position lies in exactly one rank's fragment, so each entry is ``x + 0 + ... + 0 = x``:
+        every rank then holds the samples one process measures, in the same order, and aggregates them
+        as one process does (per layer here; :meth:`_estimate` batches the layers and divides instead of
+        multiplying by the preconditioner's reciprocal, so the two differ by rounding, about 1e-7 relative).
+        """
+        estimate = batch.no_estimates()
+        samples = [self._fragment_sample(batch, i) for i in range(len(batch))]
+        continuing = [i for i, state in enumerate(batch.states) if "sample_prev_grad" in state]
+        if continuing:  # the same layers on every rank: they all started at the partition's first step
+            offsets = [0]
+            for i in continuing:
+                offsets.append(offsets[-1] + 2 * samples[i].size)
+            measured = torch.zeros(offsets[-1], dtype=torch.float32, device=batch.decay.device)
+            for i, offset in zip(continuing, offsets[:-1], strict=True):
+                slots, local, size = samples[i]
+                state = batch.states[i]
+                grad_change = (batch.grads[i][local] - state["sample_prev_grad"]).abs_() * direction.preconditioner_at(i, local)
+                measured[offset + slots] = grad_change
+                measured[offset + size + slots] = (batch.weights[i][local] - state["sample_prev_weight"]).abs_()
+            batch.ops.all_reduce_sum(measured)
+            for i, offset in zip(continuing, offsets[:-1], strict=True):
+                size = samples[i].size
+                grad_change, weight_change = measured[offset: offset + 2 * size].split(size)
+                estimate[i] = self._secant(grad_change, weight_change) + batch.decay[i]
+        for i, state in enumerate(batch.states):
+            state["sample_prev_grad"] = batch.grads[i][samples[i].local]
+            state["sample_prev_weight"] = batch.weights[i][samples[i].local]
+        return estimate
+
+    def _fragment_sample(self, batch: LayerBatch, index: int) -> FragmentSample:
+        """The part of layer ``index``'s sample in its fragment: the whole layer's sample of one process
+        (:meth:`_draw_positions`, or all elements when ``numel <= sample_size``). Drawn once per process and
+        kept here, not in the optimizer state: it is a function of the seed, the layer and the fragment."""
+        assert batch.fragments is not None
+        fragment = batch.fragments[index]
+        key = (batch.layer_ids[index], fragment.layer_start, fragment.length)
+        if key not in self._fragment_samples:
+            numel = fragment.layer_numel
+            if self.sample_size is None or numel <= self.sample_size:
+                positions = torch.arange(numel)
+            else:
+                positions = self._draw_positions(numel, batch.layer_ids[index])
+            slots = ((positions >= fragment.layer_start) & (positions < fragment.layer_start + fragment.length)).nonzero()[:, 0]
+            device = batch.params[index].device
+            self._fragment_samples[key] = FragmentSample(
+                slots.to(device), (positions[slots] - fragment.layer_start).to(device), positions.numel())
+        return self._fragment_samples[key]
+
+    @staticmethod
+    def _curvatures(batch: LayerBatch, direction: Direction, rows: list[int], positions: list[Tensor | None],
+                    grads: TensorList, weights: TensorList) -> Tensor:
+        """``[len(rows), length]`` per-element secants ``P_i |dg_i| / |dw_i|`` of the layers ``rows``, NaN where none."""
+        grad_change = (_padded(grads) - _padded([batch.states[i]["sample_prev_grad"] for i in rows])).abs_()
+        direction.precondition_rows_(rows, grad_change, lambda tensors: _padded(_samples(tensors, positions)))
+        steps = (_padded(weights) - _padded([batch.states[i]["sample_prev_weight"] for i in rows])).abs_()
+        moved = steps > NEGLIGIBLE_STEP_FRACTION * steps.nanmean(dim=1, keepdim=True)
+        return torch.where(moved, grad_change / steps, math.nan)
+
+
+def _similar_lengths(indices: list[int], lengths: list[int]) -> list[list[int]]:
+    """``indices`` grouped by length, within a factor 2: by ``ceil(log2(length))``."""
+    groups: dict[int, list[int]] = {}
+    for index, length in zip(indices, lengths, strict=True):
+        groups.setdefault((length - 1).bit_length(), []).append(index)
+    return list(groups.values())
+
+
+def _samples(tensors: TensorList, positions: list[Tensor | None]) -> TensorList:
+    """Each tensor's values at its flat ``positions``, as new 1-D tensors (a copy of all values where None)."""
+    return [t.reshape(-1).clone() if p is None else t.reshape(-1)[p] for t, p in zip(tensors, positions, strict=True)]
+
+
+def _padded(samples: TensorList) -> Tensor:
+    """The 1-D ``samples`` as the rows of one matrix, padded with NaN to the longest (at least one column:
+    the row of a layer without elements is NaN, no estimate)."""
+    padded = torch.nn.utils.rnn.pad_sequence(samples, batch_first=True, padding_value=math.nan)
+    return padded if padded.shape[1] else padded.new_full((len(samples), 1), math.nan)
