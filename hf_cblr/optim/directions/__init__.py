@@ -6,69 +6,11 @@ u_l` once the rates :math:`r_l` are known (:meth:`BaseDirection.update`). Add a 
 :class:`BaseDirection` and decorate it with :func:`register_direction`.
 """
 
-from __future__ import annotations
+from hf_cblr.optim.directions.base import DIRECTIONS, BaseDirection, create_direction, register_direction
 
-from typing import Any, ClassVar
+# isort: off
+from hf_cblr.optim.directions.sgd import MomentumSGD  # the paper's base registers first
+from hf_cblr.optim.directions.adam import Adam, AdamDirection
+# isort: on
 
-from torch import Tensor
-
-from hf_cblr.optim.types import Direction, LayerBatch, StateKind
-
-
-class BaseDirection:
-    """Base class of the base directions."""
-
-    name: ClassVar[str]
-    #: The kind of each entry the base keeps in a layer's state.
-    state_schema: ClassVar[dict[str, StateKind]] = {}
-    #: Reads the layers' step counts (Adam's bias corrections).
-    needs_step_counts: ClassVar[bool] = False
-
-    def new_state(self, param: Tensor) -> dict[str, Any]:
-        """The state the base keeps for a new layer (or ZeRO fragment) ``param``, before its first step."""
-        return {}
-
-    def direction(self, batch: LayerBatch, workspace: list[Tensor | None], steps: list[float] | None, *,
-                  gains: bool) -> Direction:
-        """The direction of ``batch``'s layers, which the caller lends the buffers ``workspace`` (None: none);
-        ``steps``: the layers' step counts (when :attr:`needs_step_counts`); ``gains``: compute the
-        preconditioner's gains (:meth:`Direction.gains`)."""
-        raise NotImplementedError
-
-    def update(self, batch: LayerBatch, direction: Direction, rates: Tensor) -> Tensor:
-        """Apply the update with the layer ``rates`` to ``batch.weights``; returns :math:`|w_{t+1} - w_t|` per layer."""
-        raise NotImplementedError
-
-
-DIRECTIONS: dict[str, type[BaseDirection]] = {}
-
-
-def register_direction(cls: type[BaseDirection]) -> type[BaseDirection]:
-    """Class decorator: make ``cls`` selectable as ``base=cls.name``."""
-    DIRECTIONS[cls.name] = cls
-    return cls
-
-
-def create_direction(name: str) -> BaseDirection:
-    if name not in DIRECTIONS:
-        raise ValueError(f"base={name!r} is not valid; valid values: {sorted(DIRECTIONS)}")
-    return DIRECTIONS[name]()
-
-
-def plus_decay(batch: LayerBatch, direction: list[Tensor], workspace: list[Tensor | None]) -> list[Tensor]:
-    """``direction`` with ``beta w`` added to its decayed layers (in ``workspace``, or new tensors)."""
-    beta = batch.group["weight_decay"]
-    decayed = [i for i, value in enumerate(batch.decay.tolist()) if value != 0]
-    if beta == 0 or not decayed:
-        return direction
-    targets = [direction[i] for i in decayed]
-    weights = [batch.weights[i] for i in decayed]
-    outs = [workspace[i] for i in decayed]
-    for i, new in zip(decayed, batch.ops.add(targets, weights, alpha=beta, outs=outs), strict=True):
-        direction[i] = new
-    return direction
-
-
-# The bases shipped with hf_cblr register themselves on import: the paper's first.
-from hf_cblr.optim.directions import sgd  # noqa: E402, F401, I001
-from hf_cblr.optim.directions import adam  # noqa: E402, F401
+__all__ = ["DIRECTIONS", "Adam", "AdamDirection", "BaseDirection", "MomentumSGD", "create_direction", "register_direction"]

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from hf_cblr.optim._tensor_ops import TensorList, TensorListOps
-from hf_cblr.optim.directions import BaseDirection, register_direction
+from hf_cblr.optim.directions.base import BaseDirection, register_direction
 from hf_cblr.optim.types import Direction, LayerBatch, StateKind
 
 

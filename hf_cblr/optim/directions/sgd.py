@@ -7,7 +7,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from hf_cblr.optim._tensor_ops import TensorList
-from hf_cblr.optim.directions import BaseDirection, plus_decay, register_direction
+from hf_cblr.optim.directions.base import BaseDirection, plus_decay, register_direction
 from hf_cblr.optim.types import Direction, LayerBatch, StateKind
 
 

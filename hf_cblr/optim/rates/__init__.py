@@ -6,53 +6,9 @@ layers of the adaptation mask that have an estimate, and 1 elsewhere; a rule cho
 :func:`register_rate_rule`.
 """
 
-from __future__ import annotations
+from hf_cblr.optim.rates.base import RATE_RULES, RateRule, create_rate_rule, register_rate_rule
+from hf_cblr.optim.rates.inverse_curvature import InverseCurvatureRate
+from hf_cblr.optim.rates.median import MedianCurvatureRate
 
-from typing import ClassVar
-
-import torch
-from torch import Tensor
-
-from hf_cblr.optim.types import LayerBatch
-
-
-class RateRule:
-    """Base class of the rate rules: :meth:`reference` is the rule."""
-
-    name: ClassVar[str]
-    #: The rates depend on all adapted layers together: under ZeRO one ``step`` must see all of them or none.
-    needs_all_layers: ClassVar[bool] = False
-
-    def reference(self, batches: list[LayerBatch], curvatures: list[Tensor]) -> Tensor | float:
-        """:math:`c_{\\text{ref}}`, from the curvatures of all ``batches`` of the step."""
-        raise NotImplementedError
-
-    def rates(self, batches: list[LayerBatch], curvatures: list[Tensor]) -> list[Tensor]:
-        """``r_l = clamp(tau c_ref / (c_l + eps_c), min_ratio, max_ratio)``; 1 outside the mask or without an estimate."""
-        reference = self.reference(batches, curvatures)
-        rates = []
-        for batch, curvature in zip(batches, curvatures, strict=True):
-            group = batch.group
-            rate = (group["trust"] * reference / (curvature + group["curvature_eps"])).clamp_(
-                min=group["min_ratio"], max=group["max_ratio"])
-            rates.append(torch.where(batch.adapt & (curvature > 0), rate, torch.ones_like(rate)))
-        return rates
-
-
-RATE_RULES: dict[str, type[RateRule]] = {}
-
-
-def register_rate_rule(cls: type[RateRule]) -> type[RateRule]:
-    """Class decorator: make ``cls`` a rate rule by its ``name``."""
-    RATE_RULES[cls.name] = cls
-    return cls
-
-
-def create_rate_rule(name: str) -> RateRule:
-    if name not in RATE_RULES:
-        raise ValueError(f"rate rule {name!r} is not known; valid values: {sorted(RATE_RULES)}")
-    return RATE_RULES[name]()
-
-
-# The rules shipped with hf_cblr register themselves on import.
-from hf_cblr.optim.rates import inverse_curvature, median  # noqa: E402, F401
+__all__ = ["RATE_RULES", "InverseCurvatureRate", "MedianCurvatureRate", "RateRule", "create_rate_rule",
+           "register_rate_rule"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from hf_cblr.optim.rates import RateRule, register_rate_rule
+from hf_cblr.optim.rates.base import RateRule, register_rate_rule
 from hf_cblr.optim.types import LayerBatch
 
 

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hf_cblr.optim.rates import RateRule, register_rate_rule
+from hf_cblr.optim.rates.base import RateRule, register_rate_rule
 from hf_cblr.optim.types import LayerBatch
 
 
