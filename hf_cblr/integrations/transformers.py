@@ -35,12 +35,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch.optim import Optimizer
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from hf_cblr.optim.cblr import CBLR
-from hf_cblr.optim.registry import check_optimizer_kwargs, get_optimizer_info, list_optimizers
+from hf_cblr.optim.registry import get_optimizer_info, list_optimizers
 
 OptimArgValue = bool | int | float | str | None | tuple[Any, ...]
 
@@ -94,15 +93,13 @@ def parse_optim_args(optim_args: str | None) -> dict[str, OptimArgValue]:
 def check_optimizer_arguments(name: str, kwargs: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` unless ``name`` is registered and ``kwargs`` are valid names *and* values.
 
-    The values are checked by building the optimizer once on a throw-away 2x2 parameter, so a bad
+    The values are checked by the optimizer's typed settings (:meth:`hf_cblr.optim.OptimInfo.config`), so a bad
     ``trust=-1`` fails here, not at the first training step.
     """
     if name not in list_optimizers():
         raise ValueError(f"optim={name!r} is not an optimizer of hf_cblr; valid values: {list_optimizers()}")
     try:
-        check_optimizer_kwargs(name, dict(kwargs))
-        info = get_optimizer_info(name)
-        info.optimizer_class([torch.nn.Parameter(torch.zeros(2, 2))], **{**info.defaults, **kwargs})
+        get_optimizer_info(name).config(**kwargs)
     except (TypeError, ValueError) as error:
         raise ValueError(f"optim_args for optim={name!r}: {error}") from error
 

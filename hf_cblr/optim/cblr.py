@@ -25,7 +25,6 @@ the functional step, :func:`hf_cblr.optim.functional.cblr_step`, with its parts:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, ClassVar
@@ -35,67 +34,24 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hf_cblr.optim._tensor_ops import select_ops
-from hf_cblr.optim.directions import DIRECTIONS, create_direction
-from hf_cblr.optim.estimators import AGGREGATES, CURVATURE_ESTIMATORS, create_curvature_estimator
+from hf_cblr.optim.config import CBLRConfig, GroupSettings
+from hf_cblr.optim.directions import create_direction
+from hf_cblr.optim.estimators import create_curvature_estimator
 from hf_cblr.optim.functional import StepParts, cblr_step
 from hf_cblr.optim.param_groups import layer_ndim
 from hf_cblr.optim.partitioned import PartitionedLayers, PartitionLayout
 from hf_cblr.optim.rates import create_rate_rule
 from hf_cblr.optim.types import LayerBatch, StateKind, in_mask, layer_batch
 
-BASES = tuple(DIRECTIONS)
-#: ``trust`` when none is given, per base, chosen with the default ``curvature`` (``docs/study.md``): on the SGD base
-#: with ``lr = 0.1`` a layer takes 1% of its Newton step; on the Adam base the value that fine-tunes MiniLM on SST-2
-#: at batch 1024 with AdamW's ``lr = 5e-4``.
-DEFAULT_TRUST = {"sgd": 0.1, "adam": 3000.0}
 #: ``state_dict()[SETTINGS_KEY]``: the settings the saved state belongs to (:meth:`CBLR._estimator_settings`).
 SETTINGS_KEY = "hf_cblr"
 
 
-def _check_number(name: str, value: Any, low: float, high: float, *, include_low: bool = True,
-                  include_high: bool = True) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in the interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    above_low = value >= low if include_low else value > low
-    below_high = value <= high if include_high else value < high
-    if math.isnan(value) or not above_low or not below_high:
-        interval = f"{'[' if include_low else '('}{low}, {high}{']' if include_high else ')'}"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-
-
-def _check_mask(name: str, value: Any) -> None:
-    if value is not None and not isinstance(value, bool):
-        raise TypeError(f"{name} must be None (tensors with ndim > 1), True or False, got {value!r}")
-
-
-def validate_group(group: dict[str, Any]) -> None:
-    """Check one param group's hyperparameters; errors name the argument and its valid values."""
-    _check_number("lr", group["lr"], 0.0, math.inf, include_high=False)
-    _check_number("momentum", group["momentum"], 0.0, 1.0, include_high=False)
-    _check_number("dampening", group["dampening"], 0.0, 1.0)
-    _check_number("weight_decay", group["weight_decay"], 0.0, math.inf, include_high=False)
-    _check_number("trust", group["trust"], 0.0, math.inf, include_low=False, include_high=False)
-    _check_number("curvature_ema", group["curvature_ema"], 0.0, 1.0, include_high=False)
-    _check_number("curvature_eps", group["curvature_eps"], 0.0, math.inf, include_high=False)
-    _check_number("max_ratio", group["max_ratio"], 0.0, math.inf, include_low=False)
-    _check_number("min_ratio", group["min_ratio"], 0.0, group["max_ratio"])
-    _check_number("eps", group["eps"], 0.0, math.inf, include_high=False)
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    _check_number("betas[0]", betas[0], 0.0, 1.0, include_high=False)
-    _check_number("betas[1]", betas[1], 0.0, 1.0, include_high=False)
-    if not isinstance(group["nesterov"], bool):
-        raise TypeError(f"nesterov must be True or False, got {group['nesterov']!r}")
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
-    _check_mask("weight_decay_mask", group["weight_decay_mask"])
-    _check_mask("adaptation_mask", group["adaptation_mask"])
-
-
 class CBLR(Optimizer):
     r"""Curvature-based layer-wise learning rate on a momentum-SGD or Adam base.
+
+    ``CBLR(params, **kwargs)`` or ``CBLR(params, config=CBLRConfig(...))``: the settings are validated once, by
+    :class:`~hf_cblr.optim.config.CBLRConfig` (:meth:`config` gives them without building an optimizer).
 
     Args:
         params: parameters, named parameters (``model.named_parameters()``), or param groups.
@@ -104,7 +60,8 @@ class CBLR(Optimizer):
         momentum, dampening, nesterov: momentum SGD, as ``torch.optim.SGD`` (SGD base only).
         weight_decay: :math:`\beta`, inside the direction (coupled for SGD, decoupled AdamW-style for Adam).
         trust: :math:`\tau`, the numerator of the layer rate :math:`r_l = \tau / c_l`; :math:`\eta\tau` is the
-            fraction of the layer's Newton step taken. Default (None): :data:`DEFAULT_TRUST` of the base.
+            fraction of the layer's Newton step taken. Default (None): :data:`~hf_cblr.optim.config.DEFAULT_TRUST` of
+            the base.
         curvature: estimator name, one of :data:`~hf_cblr.optim.estimators.CURVATURE_ESTIMATORS`:
             ``secant_denoised`` (default), ``secant``, ``secant_elementwise``, ``weight_norm``, ``hvp``, ``fd``,
             ``hutchinson``. The plain stochastic ``secant`` collapses the rates when fine-tuning a transformer
@@ -141,9 +98,31 @@ class CBLR(Optimizer):
     #: The rate rule (:mod:`hf_cblr.optim.rates`): CBLR's ``tau / c_l``.
     rate_rule: ClassVar[str] = "inverse_curvature"
 
-    def __init__(
-        self,
-        params: Iterable[Any],
+    def __init__(self, params: Iterable[Any], *, config: CBLRConfig | None = None, **kwargs: Any) -> None:
+        if config is None:
+            config = self.config(**kwargs)
+        elif kwargs:
+            raise TypeError(f"give the settings as config= or as keyword arguments, not both (got config and {sorted(kwargs)})")
+        #: The validated settings (:class:`~hf_cblr.optim.config.CBLRConfig`).
+        self.settings = config
+        self.estimator = create_curvature_estimator(config.curvature, **config.estimator_settings())
+        #: The composition of the step: base direction x curvature estimator x rate rule.
+        self.parts = StepParts(create_direction(config.base), self.estimator, create_rate_rule(self.rate_rule))
+        self.curvature = config.curvature
+        self.base = config.base
+        self.update_interval = config.update_interval
+        self.foreach = config.foreach
+        # Per layer name: the last step's per-layer vectors of its batch and the layer's index in them
+        # (read into floats only by layer_stats()).
+        self._last_layer_stats: dict[str, tuple[dict[str, Tensor], int]] = {}
+        # Under DeepSpeed ZeRO the groups hold flat partitions: this keeps the layers behind them.
+        self._partitioned = PartitionedLayers(config.partition_layout)
+        super().__init__(params, config.group_defaults())
+
+    @classmethod
+    def cblr_arguments(
+        cls,
+        *,
         lr: float = 0.1,
         momentum: float = 0.9,
         dampening: float = 0.0,
@@ -167,55 +146,22 @@ class CBLR(Optimizer):
         fd_step: float = 1e-3,
         foreach: bool | None = None,
         partition_layout: PartitionLayout | None = None,
-    ) -> None:
-        if curvature not in CURVATURE_ESTIMATORS:
-            raise ValueError(f"curvature={curvature!r} is not a known estimator; valid values: {sorted(CURVATURE_ESTIMATORS)}")
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate={aggregate!r} is not valid; valid values: {list(AGGREGATES)}")
-        if base not in BASES:
-            raise ValueError(f"base={base!r} is not valid; valid values: {list(BASES)}")
-        if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
-            raise ValueError(f"update_interval must be an integer >= 1, got {update_interval!r}")
-        if sample_size is not None and (isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1):
-            raise ValueError(f"sample_size must be None (all elements) or an integer >= 1, got {sample_size!r}")
-        if foreach not in (None, True, False):
-            raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
-        _check_number("fd_step", fd_step, 0.0, math.inf, include_low=False, include_high=False)
-        if partition_layout is not None and not isinstance(partition_layout, PartitionLayout):
-            raise TypeError(f"partition_layout must be None (DeepSpeed ZeRO's) or a PartitionLayout (with holds_partition "
-                            f"and fragments), got {partition_layout!r}")
-        if trust is None:
-            trust = DEFAULT_TRUST[base]
-        self.estimator = create_curvature_estimator(
-            curvature, aggregate=aggregate, sample_size=sample_size, seed=seed, fd_step=fd_step
-        )
-        #: The composition of the step: base direction x curvature estimator x rate rule.
-        self.parts = StepParts(create_direction(base), self.estimator, create_rate_rule(self.rate_rule))
-        if update_interval != 1 and not self.estimator.needs_closure:
-            raise ValueError(
-                f"update_interval={update_interval} applies to the closure estimators 'hvp', 'fd', 'hutchinson'; "
-                f"curvature={curvature!r} costs no extra pass and estimates every step: use update_interval=1"
-            )
-        self.curvature = curvature
-        self.base = base
-        self.update_interval = update_interval
-        self.foreach = foreach
-        defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
-            trust=trust, curvature_ema=curvature_ema, curvature_eps=curvature_eps, max_ratio=max_ratio, min_ratio=min_ratio,
-            betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-            weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
-        )
-        # Per layer name: the last step's per-layer vectors of its batch and the layer's index in them
-        # (read into floats only by layer_stats()).
-        self._last_layer_stats: dict[str, tuple[dict[str, Tensor], int]] = {}
-        # Under DeepSpeed ZeRO the groups hold flat partitions: this keeps the layers behind them.
-        self._partitioned = PartitionedLayers(partition_layout)
-        super().__init__(params, defaults)
+    ) -> dict[str, Any]:
+        """This class's keyword arguments (the class docstring's Args) as the fields of a :class:`CBLRConfig`."""
+        return dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+            trust=trust, curvature=curvature, aggregate=aggregate, curvature_ema=curvature_ema,
+            curvature_eps=curvature_eps, update_interval=update_interval, max_ratio=max_ratio, min_ratio=min_ratio,
+            base=base, betas=betas, eps=eps, weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
+            sample_size=sample_size, seed=seed, fd_step=fd_step, foreach=foreach, partition_layout=partition_layout)
+
+    @classmethod
+    def config(cls, **kwargs: Any) -> CBLRConfig:
+        """The validated settings that ``cls(params, **kwargs)`` would have, without building an optimizer."""
+        return CBLRConfig(**cls.cblr_arguments(**kwargs))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        validate_group(self.param_groups[-1])
+        GroupSettings.of_group(self.param_groups[-1])
         group = self.param_groups[-1]
         self.estimator.watch(group["params"])
         self._partitioned.record(group, len(self.param_groups) - 1,

@@ -20,9 +20,10 @@ from hf_cblr.optim.partitioned import PartitionLayout
 class LAMB(CBLR):
     """Layer-wise Adaptive Moments: AdamW's direction ``u`` scaled by ``trust_coefficient |w| / |u|``."""
 
-    def __init__(
-        self,
-        params: Any,
+    @classmethod
+    def cblr_arguments(  # type: ignore[override]
+        cls,
+        *,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
@@ -34,9 +35,10 @@ class LAMB(CBLR):
         adaptation_mask: bool | None = None,
         foreach: bool | None = None,
         partition_layout: PartitionLayout | None = None,
-    ) -> None:
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust=trust_coefficient,
+    ) -> dict[str, Any]:
+        """The CBLR arguments of this special case (its own arguments: the class docstring)."""
+        return dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust=trust_coefficient,
             curvature="weight_norm", curvature_ema=0.0, curvature_eps=curvature_eps, max_ratio=max_ratio,
             base="adam", weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
             foreach=foreach, partition_layout=partition_layout,

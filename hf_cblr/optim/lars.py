@@ -20,9 +20,10 @@ from hf_cblr.optim.partitioned import PartitionLayout
 class LARS(CBLR):
     """Layer-wise Adaptive Rate Scaling: momentum SGD with the trust ratio ``trust_coefficient |w| / (|g| + beta |w|)``."""
 
-    def __init__(
-        self,
-        params: Any,
+    @classmethod
+    def cblr_arguments(  # type: ignore[override]
+        cls,
+        *,
         lr: float = 1.0,
         momentum: float = 0.9,
         dampening: float = 0.0,
@@ -35,9 +36,10 @@ class LARS(CBLR):
         adaptation_mask: bool | None = None,
         foreach: bool | None = None,
         partition_layout: PartitionLayout | None = None,
-    ) -> None:
-        super().__init__(
-            params, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+    ) -> dict[str, Any]:
+        """The CBLR arguments of this special case (its own arguments: the class docstring)."""
+        return dict(
+            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
             trust=trust_coefficient, curvature="weight_norm", curvature_ema=0.0, curvature_eps=curvature_eps,
             max_ratio=max_ratio, base="sgd", weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
             foreach=foreach, partition_layout=partition_layout,

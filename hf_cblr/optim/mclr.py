@@ -33,8 +33,10 @@ class MCLR(CBLR):
 
     rate_rule: ClassVar[str] = "median"
 
-    def __init__(self, params: Any, lr: float = 0.1, trust: float = 1.0, curvature: str = "secant_elementwise",
-                 aggregate: str = "median", **kwargs: Any) -> None:
+    @classmethod
+    def cblr_arguments(cls, *, lr: float = 0.1, trust: float = 1.0,  # type: ignore[override]
+                       curvature: str = "secant_elementwise", aggregate: str = "median", **kwargs: Any) -> dict[str, Any]:
+        """CBLR's arguments with MCLR's defaults; ``curvature`` must be element-wise, ``aggregate`` the median."""
         if curvature not in ELEMENTWISE_ESTIMATORS:
             raise ValueError(
                 f"MCLR needs per-element curvatures: curvature={curvature!r} is not valid; valid values: "
@@ -42,4 +44,4 @@ class MCLR(CBLR):
             )
         if aggregate != "median":
             raise ValueError(f"MCLR aggregates by the median: aggregate={aggregate!r} is not valid; valid values: ['median']")
-        super().__init__(params, lr=lr, trust=trust, curvature=curvature, aggregate=aggregate, **kwargs)
+        return super().cblr_arguments(lr=lr, trust=trust, curvature=curvature, aggregate=aggregate, **kwargs)

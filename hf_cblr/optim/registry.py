@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from hf_cblr.optim.cblr import CBLR
+from hf_cblr.optim.config import CBLRConfig
 from hf_cblr.optim.lamb import LAMB
 from hf_cblr.optim.lars import LARS
 from hf_cblr.optim.mclr import MCLR
@@ -37,15 +38,19 @@ class OptimInfo:
     recommended_lr: float | None = None
 
     def valid_kwargs(self) -> list[str]:
-        """Keyword arguments the optimizer accepts (beyond ``params``)."""
-        classes = [cls for cls in self.optimizer_class.__mro__ if issubclass(cls, CBLR)]
+        """Keyword arguments the optimizer accepts (beyond ``params``): those of its ``cblr_arguments``."""
         names: set[str] = set()
-        for cls in classes:
-            parameters = inspect.signature(cls.__init__).parameters.values()
-            names |= {p.name for p in parameters if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
-            if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
+        for cls in (cls for cls in self.optimizer_class.__mro__ if issubclass(cls, CBLR)):
+            parameters = inspect.signature(cls.cblr_arguments).parameters.values()
+            names |= {p.name for p in parameters if p.kind is p.KEYWORD_ONLY}
+            if not any(p.kind is p.VAR_KEYWORD for p in parameters):
                 break
-        return sorted(names - {"self", "params"} - set(self.defaults))
+        return sorted(names - set(self.defaults))
+
+    def config(self, **kwargs: Any) -> CBLRConfig:
+        """The validated settings of this optimizer with ``kwargs`` over the entry's defaults, without building it."""
+        check_optimizer_kwargs(self.name, kwargs)
+        return self.optimizer_class.config(**{**self.defaults, **kwargs})
 
 
 _REGISTRY: dict[str, OptimInfo] = {}
