@@ -62,7 +62,7 @@ from hf_cblr.data import DEFAULT_DATASET_NAME, load_default_dataset
 from hf_cblr.diagnostics import PROBES_FILE, StructureProbeCallback, plot_probes
 from hf_cblr.hub import create_model_card, model_card_info_from_trainer, optimizer_class_name, push_to_hub_with_card
 from hf_cblr.metrics import load_metric
-from hf_cblr.trainer import BatchScheduleCallback, CBLRTrainer, CBLRTrainingArguments
+from hf_cblr.trainer import CBLRTrainer, CBLRTrainingArguments
 
 logger = logging.getLogger("finetune")
 
@@ -328,10 +328,10 @@ def init_deepspeed_comm_on_cpu(training_args: CBLRTrainingArguments) -> None:
 
 def scheduled_batch_size(trainer: CBLRTrainer) -> Callable[[TrainerState], int] | None:
     """The global batch of the step in progress under ``batch_size_schedule`` (None: the constant stock batch)."""
-    schedule = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BatchScheduleCallback)), None)
-    if schedule is None:
+    ramp = trainer.batch_ramp
+    if ramp is None:
         return None
-    return lambda state: schedule.consumed[state.global_step + 1] - schedule.consumed[state.global_step]
+    return lambda state: ramp.plan[min(state.global_step, len(ramp.plan) - 1)]
 
 
 def accuracy_metrics() -> Any:

@@ -374,10 +374,9 @@ def _optimizer_layer_stats(optimizer: Optimizer | None, model: nn.Module) -> dic
     stats = inner.layer_stats()
     model_names = {id(param): name for name, param in model.named_parameters()}
     layers = {}
-    for i, group in enumerate(inner.param_groups):
+    for group in inner.param_groups:
         params = inner.layers_of(group)  # under DeepSpeed ZeRO the group holds a flat partition instead
-        keys = group.get("param_names") or [f"group{i}.{j}" for j in range(len(params))]
-        for key, param in zip(keys, params, strict=True):
+        for key, param in zip(inner.layer_names_of(group), params, strict=True):
             if key in stats:
                 layer = stats[key]
                 layers[model_names.get(id(param), key)] = {

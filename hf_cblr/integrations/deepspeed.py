@@ -20,8 +20,8 @@ This module does that, and sets the two config flags a client optimizer needs:
       optimizer = optimizer_from_config(accelerator.state.deepspeed_plugin.deepspeed_config, model)
       model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-* :func:`pop_optimizer_section`, which :class:`~hf_cblr.trainer.CBLRTrainer` uses for a DeepSpeed
-  config with our section.
+* :func:`pop_optimizer_section`, and :func:`take_trainer_optimizer_section`, which
+  :class:`~hf_cblr.trainer.CBLRTrainer` uses for a DeepSpeed config with our section.
 """
 
 from __future__ import annotations
@@ -29,20 +29,24 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 
-from hf_cblr.integrations.transformers import prepare_deepspeed_config
+from hf_cblr.integrations.transformers import check_optimizer_arguments, parse_optim_args, prepare_deepspeed_config
 from hf_cblr.optim.cblr import CBLR
 from hf_cblr.optim.partitioned import check_zero_support
 from hf_cblr.optim.registry import check_optimizer_kwargs, create_optimizer
+
+if TYPE_CHECKING:
+    from hf_cblr.trainer.arguments import CBLRTrainingArguments
 
 __all__ = [
     "DEEPSPEED_OPTIMIZER_TYPES",
     "initialize",
     "optimizer_from_config",
     "pop_optimizer_section",
+    "take_trainer_optimizer_section",
     "zero_stage",
 ]
 
@@ -81,6 +85,42 @@ def optimizer_from_config(config: dict[str, Any], model_or_params: nn.Module | I
         return None
     name, params = spec
     return cast(CBLR, create_optimizer(model_or_params, name, **params))
+
+
+#: Attribute of the training arguments that keeps the DeepSpeed config's hf_cblr "optimizer" section once popped.
+_POPPED_SECTION = "_hf_cblr_deepspeed_optimizer_section"
+
+
+def take_trainer_optimizer_section(args: CBLRTrainingArguments, deepspeed_config: dict[str, Any], *,
+                                   optimizer_given: bool) -> tuple[str, dict[str, Any]] | None:
+    """Our ``"optimizer"`` section of a Trainer's DeepSpeed config, popped before ``deepspeed_init`` hands DeepSpeed a
+    ``DummyOptim`` for it: the registry name and the keyword arguments to build it with (``args.optimizer_kwargs``
+    under the section's ``params``), checked. The config dict is the training arguments' own, so the popped section is
+    kept on ``args`` for any later Trainer built on them. ``optimizer_given``: the Trainer also got an optimizer
+    (``optimizers=`` or ``optimizer_cls_and_kwargs=``), which is refused with a section."""
+    spec = pop_optimizer_section(deepspeed_config)
+    if spec is None:
+        spec = getattr(args, _POPPED_SECTION, None)
+    if spec is None:
+        return None
+    setattr(args, _POPPED_SECTION, spec)
+    name, params = spec[0], dict(spec[1])
+    if optimizer_given:
+        raise ValueError("the optimizer is given both in the DeepSpeed config (\"optimizer\" section) and to the Trainer "
+                         "(optimizers= or optimizer_cls_and_kwargs=): give one")
+    if args.uses_hf_cblr_optimizer and args.optim != name:
+        raise ValueError(f"optim={args.optim!r}, but the DeepSpeed config's \"optimizer\" section is {name!r}: "
+                         "give one optimizer")
+    # The decayed groups' weight decay is args.weight_decay, which transformers matched against the section's.
+    params.pop("weight_decay", None)
+    given = parse_optim_args(args.optim_args) if args.optim == name else {}
+    clashes = sorted(key for key in params.keys() & given.keys() if params[key] != given[key])
+    if clashes:
+        raise ValueError(f"optim_args and the DeepSpeed config's \"optimizer\" section give different {clashes}: "
+                         "give each argument once")
+    kwargs = {**args.optimizer_kwargs(name), **params}
+    check_optimizer_arguments(name, kwargs)
+    return name, kwargs
 
 
 def zero_stage(config: dict[str, Any]) -> int:

@@ -38,7 +38,7 @@ from hf_cblr.optim.config import CBLRConfig, GroupSettings
 from hf_cblr.optim.directions import create_direction
 from hf_cblr.optim.estimators import create_curvature_estimator
 from hf_cblr.optim.functional import StepParts, cblr_step
-from hf_cblr.optim.param_groups import layer_ndim
+from hf_cblr.optim.param_groups import layer_names, layer_ndim
 from hf_cblr.optim.partitioned import PartitionedLayers, PartitionLayout
 from hf_cblr.optim.rates import create_rate_rule
 from hf_cblr.optim.types import LayerBatch, StateKind, in_mask, layer_batch
@@ -63,10 +63,10 @@ class CBLR(Optimizer):
             fraction of the layer's Newton step taken. Default (None): :data:`~hf_cblr.optim.config.DEFAULT_TRUST` of
             the base.
         curvature: estimator name, one of :data:`~hf_cblr.optim.estimators.CURVATURE_ESTIMATORS`:
-            ``secant_denoised`` (default), ``secant``, ``secant_elementwise``, ``weight_norm``, ``hvp``, ``fd``,
-            ``hutchinson``. The plain stochastic ``secant`` collapses the rates when fine-tuning a transformer
+            ``secant_denoised`` (default), ``secant``, ``secant_pooled``, ``secant_elementwise``, ``weight_norm``,
+            ``hvp``, ``fd``, ``hutchinson``. The plain stochastic ``secant`` collapses the rates when fine-tuning a transformer
             (``docs/algorithm.md``, §4 and §8); ``secant_denoised`` needs two or more backward passes per
-            step (gradient accumulation) and is not supported under DeepSpeed ZeRO.
+            step (gradient accumulation) and is not supported under DeepSpeed ZeRO (nor is ``secant_pooled``).
         aggregate: ``mean`` or ``median`` of per-element curvatures (element-wise estimators).
         curvature_ema: :math:`\alpha`, the EMA factor smoothing the estimates (0: no smoothing).
         curvature_eps: :math:`\epsilon_c`, added to the curvature in the rate's denominator.
@@ -194,7 +194,7 @@ class CBLR(Optimizer):
     def _collect_batches(self) -> list[LayerBatch]:
         batches, first_layer_id = [], 0
         for group_index, group in enumerate(self.param_groups):
-            names = group.get("param_names") or [f"group{group_index}.{j}" for j in range(len(group["params"]))]
+            names = layer_names(group, group_index)
             members = [(j, p) for j, p in enumerate(group["params"]) if p.grad is not None]
             for _, param in members:
                 if param.grad.is_sparse:
@@ -234,6 +234,10 @@ class CBLR(Optimizer):
         """The layers (parameters) of param group ``group``, in order, as they were given: under DeepSpeed ZeRO
         ``group["params"]`` holds one flat partition instead, and ``layer_stats`` still names these layers."""
         return self._partitioned.layers_of(group)
+
+    def layer_names_of(self, group: dict[str, Any]) -> list[str]:
+        """The names :meth:`layer_stats` gives the layers of param group ``group``, in the order of :meth:`layers_of`."""
+        return self._partitioned.names_of(group)
 
     def layer_stats(self) -> dict[str, dict[str, float]]:
         """Per layer name, from the last step: ``curvature`` (smoothed; 0 before the first estimate),

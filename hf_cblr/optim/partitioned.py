@@ -61,6 +61,7 @@ from torch import Tensor
 
 from hf_cblr.optim._tensor_ops import ForeachTensorListOps, TensorListOps, select_ops
 from hf_cblr.optim.estimators import CurvatureEstimator
+from hf_cblr.optim.param_groups import layer_names
 from hf_cblr.optim.types import LayerBatch, LayerFragment, StateKind, layer_batch
 
 #: ``state[partition]["layers"]``: the per-layer scalars of a flat partition, one ``[num_layers]`` vector each.
@@ -274,7 +275,7 @@ class PartitionedLayers:
     def record(self, group: dict[str, Any], index: int, adapted: Sequence[bool]) -> None:
         """Remember ``group`` (the optimizer's ``index``-th), as given to the optimizer; ``adapted``: which of
         its parameters are in its adaptation mask."""
-        names = group.get("param_names") or [f"group{index}.{j}" for j in range(len(group["params"]))]
+        names = layer_names(group, index)
         first_layer_id = sum(len(record.params) for record in self._records.values())
         adapted_ids = frozenset(first_layer_id + j for j, (param, adapt) in enumerate(zip(group["params"], adapted, strict=True))
                                 if adapt and param.requires_grad)
@@ -288,6 +289,10 @@ class PartitionedLayers:
     def layers_of(self, group: dict[str, Any]) -> list[Tensor]:
         """The layers of ``group`` as they were given to the optimizer (under ZeRO the group holds a partition)."""
         return self._records[id(group)].params
+
+    def names_of(self, group: dict[str, Any]) -> list[str]:
+        """The names of the layers of ``group`` (:func:`~hf_cblr.optim.param_groups.layer_names` when it was added)."""
+        return self._records[id(group)].names
 
     def partitions(self) -> list[Partition]:
         """The partitions stepped so far."""

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from hf_cblr._distributed import world_size as data_parallel_world_size
 from hf_cblr.optim.estimators.base import nan_where, register_curvature_estimator
 from hf_cblr.optim.estimators.secant import SecantCurvature, SecantPrelude
 from hf_cblr.optim.types import Closure, EstimateInput, LayerBatch, StateKind
@@ -100,7 +101,7 @@ class DenoisedSecantCurvature(SecantCurvature):
         for i, entry in enumerate(norms):
             if entry is not None and entry.count >= 2:
                 sums[i, 0], sums[i, 1] = entry.total, entry.last
-        world_size = _data_parallel_world_size()
+        world_size = data_parallel_world_size()
         if world_size > 1:
             torch.distributed.all_reduce(sums)
             sums /= world_size
@@ -148,11 +149,6 @@ class DenoisedSecantCurvature(SecantCurvature):
             else:
                 state.pop("grad_noise", None)
         return signal, noise + previous
-
-
-def _data_parallel_world_size() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_world_size() if distributed else 1
 
 
 def _record_pass(reference: weakref.ref[_MicroBatchNorms], grad: Tensor) -> None:
