@@ -10,11 +10,7 @@ curvature over the adapted layers:
 
 so the layer of median curvature moves at the base learning rate and ``trust`` is dimensionless.
 
-Under DeepSpeed ZeRO-1/2/3 (``secant_elementwise``) the rates are those of one process, for any world
-size: each layer's sample is drawn from the whole layer as in one process, each rank measures the
-sampled elements of its fragment, and one all-reduce per partition and step assembles the samples on
-every rank (:mod:`hf_cblr.optim.partitioned`). The median over layers needs all adapted layers in one
-``step``: under ZeRO-3 their param group must be one sub-group (``sub_group_size`` at least its size).
+Under DeepSpeed ZeRO-1/2/3 the rates are those of one process for any world size (``docs/zero.md``).
 """
 
 from __future__ import annotations

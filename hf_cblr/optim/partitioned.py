@@ -1,52 +1,19 @@
-r"""Exact layer-wise rates on flat partitions: the DeepSpeed ZeRO layouts (stages 1, 2, 3 and the BF16 optimizer).
+r"""The flat-partition layer source: exact layer-wise rates on DeepSpeed ZeRO's flat partitions (stages 1, 2, 3 and
+the BF16 optimizer). How and why, with the figures: ``docs/zero.md``.
 
-ZeRO flattens every param group into one buffer and gives each of the ``N`` data-parallel ranks a
-contiguous slice of it; the optimizer sees only that slice, as one 1-D fp32 tensor (stage 3: one
-per *sub-group*). A layer (parameter tensor) may lie in one rank's slice or be cut across several,
-so a layer norm computed on the slice would be a partial one and the rates would depend on ``N``.
+In short: ZeRO gives each rank a contiguous slice of a flattened param group, so a layer may be cut across ranks.
+Every rank builds the same list of *all* layers of the partition it steps, each with the :class:`LayerFragment` of it
+in the local slice (possibly empty), and steps them with kernels whose norms and inner products are summed over the
+ranks (:func:`reducing_ops`, one ``all_reduce`` per call), so every rank computes the rates of one process and applies
+them to its own fragments. State lives with the partition, by the kind each entry declares
+(:class:`~hf_cblr.optim.types.StateKind`): element state as one flat tensor shaped like the partition, per-layer
+scalars as ``[num_layers]`` vectors under ``state["layers"]``, per-layer rows under ``state["layer_rows"]``.
 
-Here every rank builds the same list of *all* layers of the partition it is stepping, each with
-the *fragment* of it that lives in the local slice (possibly empty)::
-
-    flat group   [ w0 ........ | w1 ..... | w2 .. | pad ]      rank r holds [r P, (r+1) P)
-    rank 0       [ w0[0:86]          ]                         fragments: w0[0:86], w1[], w2[]
-    rank 1                          [ w0[86:91] w1 w2 pad ]    fragments: w0[86:91], w1, w2
-
-The optimizer's step (:class:`~hf_cblr.optim.cblr.CBLR`) runs unchanged on these fragments. Every
-per-layer quantity of the step is a sum over the layer's elements, and the step reads it through
-its batch's :class:`~hf_cblr.optim._tensor_ops.TensorListOps` (``norms``, ``dot``): on whole layers
-(one process) these are the local kernels; on fragments they are :class:`ReducingTensorListOps`,
-the same kernels followed by one ``all_reduce`` of the vector of all layers' partial sums,
-
-.. math::  \|x_l\|^2 = \sum_r \|x_{l,r}\|^2, \qquad \langle x_l, y_l\rangle = \sum_r \langle x_{l,r}, y_{l,r}\rangle,
-
-so every rank gets the norms of the whole layers, computes the same rates and applies them to its
-own fragments. State lives with the partition (memory per rank falls as ``1/N``):
-
-- element-wise state (momentum, previous gradient, Adam moments) is one flat tensor shaped like
-  the partition, in DeepSpeed's own layout, so DeepSpeed's tools for flat optimizer state apply;
-- per-layer scalars (step, curvature, last update norm) are ``[num_layers]`` vectors, the same on
-  every rank, under ``state["layers"]`` (a dict, which DeepSpeed's checkpoint code passes through
-  untouched instead of cutting it like a partition);
-- per-layer rows of other lengths (the estimator's ``sample_state_keys``: MCLR's previous gradient
-  and weight at the sampled elements that lie in the fragment) are, per key, one vector of the rows
-  concatenated and their ``[num_layers]`` lengths, under ``state["layer_rows"]``.
-
-MCLR's element sample (``secant_elementwise``) is world-size independent: the positions are drawn
-from the whole layer with the generator of one process, ``(seed, layer id)``, and each rank keeps
-the previous gradient and weight only at the positions in its fragment (a rank's share of the
-``2 sample_size`` values per layer). Each step, a rank writes the per-element ``P_i |dg_i|`` and
-``|dw_i|`` of its positions into a zero vector of the batch's whole samples, and one ``all_reduce``
-(:meth:`~hf_cblr.optim._tensor_ops.TensorListOps.all_reduce_sum`) gives every rank the samples of
-one process: every position lies in exactly one fragment, so each sum is ``x + 0 = x``, exactly
-(the aggregation that follows equals one process's to float rounding).
-The median over layers that normalizes MCLR's rates must see all adapted layers in one ``step``:
-a step over only some of them (ZeRO-3 with several sub-groups holding adapted layers) is refused.
-
-Nothing here imports DeepSpeed: it reads the attributes DeepSpeed sets on the parameters
-(``_hp_mapping``, ``_dp_group``; stage 3: ``ds_id``, ``ds_shape``, ``ds_numel``,
-``ds_process_group``, ``partition_numel()``). Refused on partitions (:func:`check_zero_support`):
-the closure estimators (DeepSpeed steps without a closure).
+Where the layers lie is a :class:`PartitionLayout`: :class:`DeepSpeedLayout` reads the attributes DeepSpeed sets on
+the parameters (``_hp_mapping``, ``_dp_group``; stage 3: ``ds_id``, ``ds_shape``, ``ds_numel``,
+``ds_process_group``, ``partition_numel()``), without importing DeepSpeed; another sharding engine, or a test's fake,
+passes its own as the optimizer's ``partition_layout``. Refused on partitions (:func:`check_zero_support`): the
+closure estimators and those that hook the model's parameters.
 """
 
 from __future__ import annotations
