@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from hf_cblr import CBLR, LAMB, LARS, MCLR, create_optimizer, get_optimizer_info, list_optimizers, param_groups
 from hf_cblr.optim import CURVATURE_ESTIMATORS
 from hf_cblr.optim import _tensor_ops as tensor_ops
+from hf_cblr.optim.layer_sources import LocalLayers
 from hf_cblr.optim.registry import check_optimizer_kwargs
 
 #: Hyperparameters with which each optimizer trains the regression of ``conftest.Regression`` in 20 steps.
@@ -83,7 +84,10 @@ def test_chunked_step_matches_whole_batch_step(optimizer_config: Any, make_regre
         for _ in range(5):
             problem.step(optimizer)
         params[chunk_elements] = problem.parameters()
-        batches = optimizer._collect_batches()  # weights of 96 and 48 elements; biases and norm scales of 16, 16, 16, 3
+        # weights of 96 and 48 elements; biases and norm scales of 16, 16, 16, 3
+        batches = LocalLayers().batches(optimizer.param_groups, optimizer.state, new_state=optimizer.parts.new_state,
+                                        schema=optimizer.state_schema, foreach=foreach, rates_need_all_layers=False,
+                                        optimizer_name="", estimator=optimizer.estimator)
         chunks = [len(batch.chunks(tensor_ops.chunk_elements(batch.params))) for batch in batches]
         assert chunks == ([1] * len(batches) if chunk_elements > 40 else [2, 2])
     for a, b, initial in zip(params[40], params[1 << 30], make_regression().parameters(), strict=True):

@@ -33,15 +33,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_cblr.optim._tensor_ops import select_ops
 from hf_cblr.optim.config import CBLRConfig, GroupSettings
 from hf_cblr.optim.directions import create_direction
 from hf_cblr.optim.estimators import create_curvature_estimator
 from hf_cblr.optim.functional import StepParts, cblr_step
-from hf_cblr.optim.param_groups import layer_names, layer_ndim
+from hf_cblr.optim.layer_sources import LayerSource, LocalLayers
+from hf_cblr.optim.param_groups import layer_ndim
 from hf_cblr.optim.partitioned import PartitionedLayers, PartitionLayout
 from hf_cblr.optim.rates import create_rate_rule
-from hf_cblr.optim.types import LayerBatch, StateKind, in_mask, layer_batch
+from hf_cblr.optim.types import LayerBatch, StateKind, in_mask
 
 #: ``state_dict()[SETTINGS_KEY]``: the settings the saved state belongs to (:meth:`CBLR._estimator_settings`).
 SETTINGS_KEY = "hf_cblr"
@@ -115,8 +115,10 @@ class CBLR(Optimizer):
         # Per layer name: the last step's per-layer vectors of its batch and the layer's index in them
         # (read into floats only by layer_stats()).
         self._last_layer_stats: dict[str, tuple[dict[str, Tensor], int]] = {}
-        # Under DeepSpeed ZeRO the groups hold flat partitions: this keeps the layers behind them.
+        # The layer sources: under DeepSpeed ZeRO the groups hold flat partitions (this keeps the layers behind them);
+        # else the groups' own parameters are the layers.
         self._partitioned = PartitionedLayers(config.partition_layout)
+        self._local = LocalLayers()
         super().__init__(params, config.group_defaults())
 
     @classmethod
@@ -174,12 +176,14 @@ class CBLR(Optimizer):
         if closure is not None and not self.estimator.needs_closure:
             with torch.enable_grad():
                 loss = closure()
-        batches = self._partitioned.batches(
-            self.param_groups, self.state, new_state=self.parts.new_state, schema=self.state_schema, foreach=self.foreach,
-            rates_need_all_layers=self.rates_need_all_layers, optimizer_name=type(self).__name__,
-            estimator=self.estimator)
-        if batches is None:
-            batches = self._collect_batches()
+        sources: tuple[LayerSource, ...] = (self._partitioned, self._local)
+        for source in sources:  # the first that holds the groups' parameters: ZeRO partitions, else the layers
+            batches = source.batches(
+                self.param_groups, self.state, new_state=self.parts.new_state, schema=self.state_schema,
+                foreach=self.foreach, rates_need_all_layers=self.rates_need_all_layers,
+                optimizer_name=type(self).__name__, estimator=self.estimator)
+            if batches is not None:
+                break
         if not batches:
             return loss
         step = self._advance_step_counters(batches)
@@ -188,28 +192,8 @@ class CBLR(Optimizer):
         for chunk_stats in stats:
             for i, name in enumerate(chunk_stats.names):
                 self._last_layer_stats[name] = (chunk_stats.vectors, i)
-        self._partitioned.store(self.state, self.state_schema)
+        source.store(self.state, self.state_schema)
         return loss if closure_loss is None else closure_loss
-
-    def _collect_batches(self) -> list[LayerBatch]:
-        batches, first_layer_id = [], 0
-        for group_index, group in enumerate(self.param_groups):
-            names = layer_names(group, group_index)
-            members = [(j, p) for j, p in enumerate(group["params"]) if p.grad is not None]
-            for _, param in members:
-                if param.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if not self.state[param]:
-                    self.state[param] = self.parts.new_state(param)
-            if members:
-                params = [p for _, p in members]
-                batches.append(layer_batch(
-                    group, params, [p.grad for p in params], [self.state[p] for p in params],
-                    names=[names[j] for j, _ in members], layer_ids=[first_layer_id + j for j, _ in members],
-                    ndims=[layer_ndim(p) for p in params], ops=select_ops(self.foreach, params),
-                ))
-            first_layer_id += len(group["params"])
-        return batches
 
     @property
     def rates_need_all_layers(self) -> bool:
