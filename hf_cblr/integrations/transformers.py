@@ -66,7 +66,7 @@ def parse_optim_value(text: str) -> OptimArgValue:
     except ValueError:
         return text
     if math.isnan(number):
-        raise ValueError(f"optim_args value {text!r} is NaN; give a number")
+        raise ValueError("the value is NaN; give a number")
     return number
 
 
@@ -86,7 +86,10 @@ def parse_optim_args(optim_args: str | None) -> dict[str, OptimArgValue]:
             raise ValueError(f"optim_args item {item.strip()!r} is not of the form key=value (in optim_args={optim_args!r})")
         if key in parsed:
             raise ValueError(f"optim_args gives {key!r} twice (in optim_args={optim_args!r})")
-        parsed[key] = parse_optim_value(value)
+        try:
+            parsed[key] = parse_optim_value(value)
+        except ValueError as error:
+            raise ValueError(f"optim_args {key}={value.strip()}: {error} (in optim_args={optim_args!r})") from None
     return parsed
 
 

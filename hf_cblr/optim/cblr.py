@@ -163,8 +163,19 @@ class CBLR(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        GroupSettings.of_group(self.param_groups[-1])
         group = self.param_groups[-1]
+        complex_params = [param for param in group["params"] if param.is_complex()]
+        if complex_params:
+            self.param_groups.pop()
+            raise TypeError(
+                f"{type(self).__name__} does not support complex parameters (got one of dtype {complex_params[0].dtype}): "
+                "its fp32 arithmetic would erase their imaginary part; optimize the real view of each, "
+                "torch.view_as_real(param), as a real parameter instead"
+            )
+        settings = GroupSettings.of_group(group)  # validated; numpy scalars become Python numbers
+        group.update({key: getattr(settings, key) for key in ("lr", "momentum", "dampening", "weight_decay", "trust",
+                                                              "curvature_ema", "curvature_eps", "max_ratio", "min_ratio",
+                                                              "eps", "betas")})
         self.estimator.watch(group["params"])
         self._partitioned.record(group, len(self.param_groups) - 1,
                                  [in_mask(group["adaptation_mask"], layer_ndim(param)) for param in group["params"]])
@@ -246,6 +257,14 @@ class CBLR(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved, current = state_dict.get(SETTINGS_KEY), self._estimator_settings()
+        if saved is None and any(state_dict.get("state", {}).values()):
+            keys = sorted({key for state in state_dict["state"].values() for key in state})
+            raise ValueError(
+                f"the optimizer state was not saved by an hf_cblr optimizer (it has no {SETTINGS_KEY!r} settings entry; "
+                f"its per-parameter entries are {keys}), so this {type(self).__name__} cannot continue it: start the "
+                "optimizer fresh (do not load this state, e.g. resume the Trainer without the checkpoint's optimizer.pt), "
+                "or load it into the optimizer that saved it"
+            )
         if saved is not None and saved != current:
             differing = {key: saved.get(key) for key in current if saved.get(key) != current[key]}
             raise ValueError(

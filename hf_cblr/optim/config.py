@@ -10,7 +10,8 @@ optimizer. Every error names the argument and its valid values.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import numbers
+from dataclasses import dataclass, fields
 from typing import Any
 
 from hf_cblr.optim.directions import DIRECTIONS
@@ -25,8 +26,8 @@ DEFAULT_TRUST = {"sgd": 0.1, "adam": 3000.0}
 
 def check_number(name: str, value: Any, low: float, high: float, *, include_low: bool = True,
                  include_high: bool = True) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in the interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in the interval (numpy scalars too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     above_low = value >= low if include_low else value > low
     below_high = value <= high if include_high else value < high
@@ -60,6 +61,10 @@ class GroupSettings:
     adaptation_mask: bool | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.betas, (tuple, list)):
+            self.betas = tuple(_as_python_number(beta) for beta in self.betas)
+        for f in fields(GroupSettings):
+            setattr(self, f.name, _as_python_number(getattr(self, f.name)))
         check_number("lr", self.lr, 0.0, math.inf, include_high=False)
         check_number("momentum", self.momentum, 0.0, 1.0, include_high=False)
         check_number("dampening", self.dampening, 0.0, 1.0)
@@ -112,11 +117,17 @@ class CBLRConfig(GroupSettings):
             raise ValueError(f"aggregate={self.aggregate!r} is not valid; valid values: {list(AGGREGATES)}")
         if self.base not in DIRECTIONS:
             raise ValueError(f"base={self.base!r} is not valid; valid values: {list(DIRECTIONS)}")
+        self.update_interval, self.sample_size, self.seed, self.fd_step = (
+            _as_python_number(value) for value in (self.update_interval, self.sample_size, self.seed, self.fd_step))
         if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) or self.update_interval < 1:
             raise ValueError(f"update_interval must be an integer >= 1, got {self.update_interval!r}")
         sample_size = self.sample_size
         if sample_size is not None and (isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1):
             raise ValueError(f"sample_size must be None (all elements) or an integer >= 1, got {sample_size!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an integer >= 0, got {type(self.seed).__name__} {self.seed!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.foreach not in (None, True, False):
             raise TypeError(f"foreach must be None, True or False, got {self.foreach!r}")
         check_number("fd_step", self.fd_step, 0.0, math.inf, include_low=False, include_high=False)
@@ -130,8 +141,6 @@ class CBLRConfig(GroupSettings):
             )
         if self.trust is None:
             self.trust = DEFAULT_TRUST[self.base]
-        if isinstance(self.betas, list):
-            self.betas = tuple(self.betas)
         super().__post_init__()
 
     def group_defaults(self) -> dict[str, Any]:
@@ -142,5 +151,9 @@ class CBLRConfig(GroupSettings):
         """The arguments of the curvature estimator."""
         return {"aggregate": self.aggregate, "sample_size": self.sample_size, "seed": self.seed, "fd_step": self.fd_step}
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+def _as_python_number(value: Any) -> Any:
+    """A numpy (or other ``numbers``) scalar as the Python ``int`` or ``float`` it stands for; anything else as is."""
+    if type(value) in (bool, int, float) or not isinstance(value, numbers.Real):
+        return value  # np.float64 subclasses float: converted too, so that checkpoints hold Python numbers only
+    return int(value) if isinstance(value, numbers.Integral) else float(value)

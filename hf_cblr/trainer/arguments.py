@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +10,7 @@ from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from hf_cblr.integrations.transformers import TRAINING_ARGUMENT_KEYS, check_optimizer_arguments, parse_optim_args
+from hf_cblr.optim.config import check_number
 from hf_cblr.optim.registry import get_optimizer_info, list_optimizers
 from hf_cblr.trainer.batch_schedule import GRAMMAR, LR_SCALINGS, BatchSizeSchedule, parse_batch_size_schedule
 from hf_cblr.trainer.sample_selection import DROP_SCORINGS, DROP_SELECTIONS
@@ -107,6 +109,8 @@ class CBLRTrainingArguments(TrainingArguments):
                 super().__post_init__()
             finally:
                 self.optim = name
+            # weight_decay goes to the decayed param group, not through optimizer_kwargs: checked here.
+            check_number("weight_decay", self.weight_decay, 0.0, math.inf, include_high=False)
             self.optimizer_kwargs()
         else:
             super().__post_init__()

@@ -40,6 +40,8 @@ import torch
 from torch.utils.data import Sampler
 
 LR_SCALINGS = ("none", "linear", "sqrt")
+#: The most steps a ``list:`` schedule may spell out (its last size continues after it).
+MAX_LISTED_STEPS = 1_000_000
 SCHEDULE_KINDS = ("linear", "milestones", "list")
 GRAMMAR = "'linear:START,INCREMENT,RAMP_SAMPLES', 'milestones:0=B0,S1=B1,...' or 'list:B0,B1*N,...'"
 
@@ -142,11 +144,15 @@ def parse_batch_size_schedule(spec: str) -> BatchSizeSchedule:
         if starts[0] != 0 or any(a >= b for a, b in pairwise(starts)):
             raise ValueError(f"batch_size_schedule={spec!r}: milestones must start at 0 and strictly increase, got {starts}")
         return Milestones(tuple(points))
-    sizes: list[int] = []
+    parsed = []
     for item in items:
         size, star, count = item.partition("*")
-        sizes += [_integer(size, "batch size", spec, 1)] * (_integer(count, "repeat count", spec, 1) if star else 1)
-    return StepList(tuple(sizes))
+        parsed.append((_integer(size, "batch size", spec, 1), _integer(count, "repeat count", spec, 1) if star else 1))
+    listed = sum(count for _, count in parsed)
+    if listed > MAX_LISTED_STEPS:
+        raise ValueError(f"batch_size_schedule={spec!r} lists {listed} steps; at most {MAX_LISTED_STEPS} (the list's last "
+                         "size continues after it: list the steps that change, or use 'linear' or 'milestones')")
+    return StepList(tuple(size for size, count in parsed for _ in range(count)))
 
 
 def validate_batch_size_schedule(schedule: BatchSizeSchedule, full_batch_size: int, multiple_of: int) -> None:
