@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from hf_cblr import CBLR, create_optimizer, list_optimizers
+from hf_cblr.diagnostics import load_probes
+from hf_cblr.integrations import deepspeed as hf_deepspeed
 from hf_cblr.integrations.transformers import parse_optim_args
 from hf_cblr.optim.config import CBLRConfig
 from hf_cblr.trainer import CBLRTrainingArguments
@@ -46,7 +50,7 @@ def test_a_huge_list_schedule_is_refused_at_parse_time() -> None:
         parse_batch_size_schedule("list:8*10000000000,16")
 
 
-def test_negative_weight_decay_fails_at_argument_time(tmp_path: object) -> None:
+def test_negative_weight_decay_fails_at_argument_time(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"weight_decay must be in \[0.0, inf\), got -1.0"):
         CBLRTrainingArguments(output_dir=str(tmp_path), optim="cblr", weight_decay=-1.0, use_cpu=True, report_to=[])
 
@@ -61,3 +65,84 @@ def test_another_optimizers_state_is_refused_at_load(other: str) -> None:
     optimizer = CBLR([param], lr=0.1)
     with pytest.raises(ValueError, match=r"was not saved by an hf_cblr optimizer .*start the optimizer fresh"):
         optimizer.load_state_dict(foreign.state_dict())
+
+
+def test_fd_with_a_non_finite_gradient_keeps_the_previous_estimates() -> None:
+    """A non-finite gradient anywhere makes the finite-difference probe meaningless: every layer keeps its estimate
+    (as with ``hvp``), none becomes its weight decay."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    inputs, targets = torch.randn(16, 4), torch.randn(16, 2)
+
+    def closure() -> torch.Tensor:
+        return nn.functional.mse_loss(model(inputs), targets)
+
+    optimizer = CBLR(model.named_parameters(), lr=0.01, curvature="fd", weight_decay=0.01, foreach=False)
+    for _ in range(2):
+        optimizer.zero_grad()
+        closure().backward()
+        optimizer.step(closure)
+    before = {name: layer["curvature"] for name, layer in optimizer.layer_stats().items()}
+    optimizer.zero_grad()
+    closure().backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    optimizer.step(closure)
+    after = {name: layer["curvature"] for name, layer in optimizer.layer_stats().items()}
+    adapted = [name for name, value in before.items() if value > 0]
+    assert adapted and all(after[name] == before[name] for name in adapted), (before, after)
+
+
+@pytest.mark.parametrize("curvature", ["hvp", "hutchinson"])
+def test_a_loss_linear_in_the_parameters_has_zero_hessian_not_an_attention_error(curvature: str) -> None:
+    """The gradient of a linear loss has no graph: ``H v = 0`` (the curvature is the weight decay), not an error
+    that blames fused attention kernels."""
+    param = nn.Parameter(torch.ones(3, 3))
+    inputs = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+
+    def closure() -> torch.Tensor:
+        return (param * inputs).sum()
+
+    optimizer = CBLR([param], lr=0.1, curvature=curvature, weight_decay=0.5, sample_size=None)
+    closure().backward()
+    optimizer.step(closure)
+    assert optimizer.layer_stats()["group0.0"]["curvature"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("name", "scheduler_class"), [(name, cls) for name in list_optimizers()
+                                                       for cls in ("OneCycleLR", "CyclicLR")])
+def test_momentum_schedulers_cycle_the_momentum_the_step_reads(name: str, scheduler_class: str) -> None:
+    """torch cycles ``betas[0]`` wherever a group has ``betas``: only the Adam bases carry them, so the SGD bases
+    get their ``momentum`` cycled, the Adam bases their ``betas[0]``."""
+    param = nn.Parameter(torch.ones(4, 4))
+    optimizer = create_optimizer([param], name, lr=0.01)
+    if scheduler_class == "OneCycleLR":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10, base_momentum=0.8,
+                                                        max_momentum=0.95)
+    else:
+        scheduler = torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=0.01, max_lr=0.1, step_size_up=2,
+                                                      base_momentum=0.8, max_momentum=0.95)
+    read = (lambda: optimizer.param_groups[0]["betas"][0]) if optimizer.base == "adam" else (
+        lambda: optimizer.param_groups[0]["momentum"])
+    values = set()
+    for _ in range(4):
+        param.grad = torch.ones(4, 4)
+        optimizer.step()
+        scheduler.step()
+        values.add(round(read(), 6))
+    assert len(values) > 1, values
+    assert ("betas" in optimizer.param_groups[0]) == (optimizer.base == "adam")
+
+
+def test_a_cut_probe_file_is_named_in_the_error(tmp_path: Path) -> None:
+    path = tmp_path / "structure_probes.jsonl"
+    path.write_text('{"step": 1, "layers": {}}\n{"step": 2, "lay', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"structure_probes.jsonl, line 2: not a JSON record"):
+        load_probes(path)
+
+
+def test_a_broken_deepspeed_config_file_is_named_in_the_error(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 2', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"ds.json' is not valid JSON"):
+        hf_deepspeed.initialize(nn.Linear(2, 2), path)

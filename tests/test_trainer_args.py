@@ -51,7 +51,8 @@ def test_every_registry_name_is_accepted(tmp_path: Path, name: str) -> None:
     assert find_optimizer(optimizer) is optimizer
     group = optimizer.param_groups[0]
     assert group["lr"] == 0.01
-    assert group["betas"][1] == (0.98 if optimizer.base == "adam" else 0.999)
+    # Only the Adam base reads betas, so only its groups carry them (torch's momentum schedulers cycle betas[0]).
+    assert group["betas"][1] == 0.98 if optimizer.base == "adam" else "betas" not in group
 
 
 def test_lamb_takes_its_own_argument_names(tmp_path: Path) -> None:

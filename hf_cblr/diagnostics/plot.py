@@ -13,7 +13,6 @@ Figures are drawn on ``matplotlib.figure.Figure`` objects rendered by Agg, witho
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from hf_cblr.diagnostics.probes import PROBES_FILE
+from hf_cblr.diagnostics.probes import PROBES_FILE, read_json_lines
 
 #: Per-layer metrics drawn as heatmaps: (title, colour-bar label).
 LAYER_METRICS: dict[str, tuple[str, str]] = {
@@ -37,8 +36,7 @@ _MAX_LAYER_LABELS = 60
 
 def load_probes(jsonl_path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``structure_probes.jsonl`` file, in step order."""
-    lines = Path(jsonl_path).read_text(encoding="utf-8").splitlines()
-    return sorted((json.loads(line) for line in lines if line.strip()), key=lambda record: record["step"])
+    return sorted(read_json_lines(Path(jsonl_path)), key=lambda record: record["step"])
 
 
 def plot_probes(jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:

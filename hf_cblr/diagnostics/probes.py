@@ -412,11 +412,23 @@ def _dataset_head(dataloader: Any, size: int) -> Mapping[str, Any]:
     return batch
 
 
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON lines file; a line that is not JSON is a ``ValueError`` naming the file and line."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg}); the file was cut short or "
+                                 "edited: delete it, or the line, to start the probes afresh") from None
+    return records
+
+
 def _prepare_file(path: Path, keep_until_step: int) -> None:
     """Start the JSON lines file: empty for a fresh run, the records up to the resumed step otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = []
     if keep_until_step > 0 and path.exists():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= keep_until_step]
+        kept = [json.dumps(record, allow_nan=False) for record in read_json_lines(path) if record["step"] <= keep_until_step]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

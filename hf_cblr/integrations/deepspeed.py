@@ -146,7 +146,10 @@ def initialize(model: nn.Module, config: dict[str, Any] | str | os.PathLike[str]
 
     if not isinstance(config, dict):
         with open(config) as file:
-            config = json.load(file)
+            try:
+                config = json.load(file)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"the DeepSpeed config {os.fspath(config)!r} is not valid JSON: {error}") from None
     config = dict(config)
     built = optimizer_from_config(config, model)
     if built is not None:

@@ -175,7 +175,7 @@ class CBLR(Optimizer):
         settings = GroupSettings.of_group(group)  # validated; numpy scalars become Python numbers
         group.update({key: getattr(settings, key) for key in ("lr", "momentum", "dampening", "weight_decay", "trust",
                                                               "curvature_ema", "curvature_eps", "max_ratio", "min_ratio",
-                                                              "eps", "betas")})
+                                                              "eps", "betas") if key in group})
         self.estimator.watch(group["params"])
         self._partitioned.record(group, len(self.param_groups) - 1,
                                  [in_mask(group["adaptation_mask"], layer_ndim(param)) for param in group["params"]])

@@ -22,6 +22,8 @@ from hf_cblr.optim.partitioned import PartitionLayout
 #: with ``lr = 0.1`` a layer takes 1% of its Newton step; on the Adam base the value that fine-tunes MiniLM on SST-2
 #: at batch 1024 with AdamW's ``lr = 5e-4``.
 DEFAULT_TRUST = {"sgd": 0.1, "adam": 3000.0}
+#: The group settings each base does not read (and its param groups do not carry).
+BASE_UNUSED_SETTINGS = {"sgd": ("betas", "eps"), "adam": ("momentum", "dampening", "nesterov")}
 
 
 def check_number(name: str, value: Any, low: float, high: float, *, include_low: bool = True,
@@ -88,8 +90,8 @@ class GroupSettings:
 
     @classmethod
     def of_group(cls, group: dict[str, Any]) -> GroupSettings:
-        """The settings of a param group (a dict holding at least these keys), validated."""
-        return cls(**{f.name: group[f.name] for f in fields(GroupSettings)})
+        """The settings of a param group, validated (a setting the group does not carry, its base does not read)."""
+        return cls(**{f.name: group[f.name] for f in fields(GroupSettings) if f.name in group})
 
 
 @dataclass
@@ -144,8 +146,12 @@ class CBLRConfig(GroupSettings):
         super().__post_init__()
 
     def group_defaults(self) -> dict[str, Any]:
-        """The per-group hyperparameters, as ``torch.optim.Optimizer`` defaults."""
-        return {f.name: getattr(self, f.name) for f in fields(GroupSettings)}
+        """The per-group hyperparameters that the base reads, as ``torch.optim.Optimizer`` defaults: momentum SGD's
+        groups carry no ``betas``/``eps``, Adam's no ``momentum``/``dampening``/``nesterov``, so that torch's momentum
+        schedulers (``OneCycleLR``, ``CyclicLR``), which cycle ``betas[0]`` wherever a group has ``betas``, cycle the
+        value the step reads."""
+        unused = BASE_UNUSED_SETTINGS[self.base]
+        return {f.name: getattr(self, f.name) for f in fields(GroupSettings) if f.name not in unused}
 
     def estimator_settings(self) -> dict[str, Any]:
         """The arguments of the curvature estimator."""

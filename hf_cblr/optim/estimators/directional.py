@@ -33,11 +33,14 @@ def _probe_directions(inputs: list[EstimateInput]) -> list[TensorList]:
 
 
 def hessian_vector_products(params: list[Tensor], vectors: TensorList, closure: Closure) -> TensorList:
-    """``H v`` by double backward through ``closure()``; zeros for parameters the loss does not use."""
+    """``H v`` by double backward through ``closure()``; zeros for parameters the loss does not use, and for all of
+    them when the loss is linear in the parameters (its gradient has no graph: ``H = 0``)."""
     with torch.enable_grad():
         loss = closure()
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         used = [i for i, grad in enumerate(grads) if grad is not None and grad.requires_grad]
+        if not used:  # no gradient depends on the parameters: the loss is linear in them, and H = 0
+            return [torch.zeros_like(vector) for vector in vectors]
         try:
             products = torch.autograd.grad(
                 [grads[i] for i in used], [params[i] for i in used],
@@ -59,9 +62,12 @@ def hessian_vector_products(params: list[Tensor], vectors: TensorList, closure: 
 def finite_difference_hessian_vector_products(
     params: list[Tensor], grads: TensorList, vectors: TensorList, closure: Closure, fd_step: float
 ) -> TensorList:
-    """``H v ~ (grad L(w + eps v) - grad L(w)) / eps`` with ``eps |v| = fd_step``, one extra backward."""
+    """``H v ~ (grad L(w + eps v) - grad L(w)) / eps`` with ``eps |v| = fd_step``, one extra backward; NaN everywhere
+    when ``v`` is not finite (so every layer keeps its previous estimate, as with ``hvp``)."""
     vector_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in vectors])).item()
-    if vector_norm == 0 or not math.isfinite(vector_norm):
+    if not math.isfinite(vector_norm):  # a non-finite gradient somewhere: no layer has a meaningful probe
+        return [torch.full_like(v, math.nan) for v in vectors]
+    if vector_norm == 0:
         return [torch.zeros_like(v) for v in vectors]
     epsilon = fd_step / vector_norm
     saved = [param.detach().clone() for param in params]
