@@ -146,3 +146,38 @@ def test_a_broken_deepspeed_config_file_is_named_in_the_error(tmp_path: Path) ->
     path.write_text('{"zero_optimization": {"stage": 2', encoding="utf-8")
     with pytest.raises(ValueError, match=r"ds.json' is not valid JSON"):
         hf_deepspeed.initialize(nn.Linear(2, 2), path)
+
+
+@pytest.mark.parametrize("change", [
+    {"drop_fraction": 0.25},
+    {"drop_scoring": "no_grad"},
+    {"batch_size_lr_scaling": "none"},
+    {"batch_size_schedule": None, "batch_size_lr_scaling": "none", "max_steps": 6},
+])
+def test_resume_refuses_changed_run_settings_even_when_the_consumed_samples_match(tmp_path: Path,
+                                                                                  change: dict[str, object]) -> None:
+    """A changed ramp or dropping setting that leaves the consumed-sample count unchanged still changes the run."""
+    from workers.tiny import IndexedDataset, tiny_bert
+
+    from hf_cblr.trainer import CBLRTrainer
+
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, optim="cblr", learning_rate=0.01,
+                per_device_train_batch_size=8, batch_size_schedule="list:8", batch_size_lr_scaling="linear",
+                drop_fraction=0.125, num_train_epochs=2, save_strategy="steps", save_steps=2, max_grad_norm=0.0)
+    CBLRTrainer(model=tiny_bert(), args=CBLRTrainingArguments(**{**base, "max_steps": 2}),
+                train_dataset=IndexedDataset(24)).train()
+    trainer = CBLRTrainer(model=tiny_bert(), args=CBLRTrainingArguments(**{**base, **change}),
+                          train_dataset=IndexedDataset(24))
+    name = next(iter(change))
+    with pytest.raises(ValueError, match=rf"settings that shape the run's steps changed: .*{name}="):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+@pytest.mark.parametrize(("params", "match"), [
+    (None, r"has \"params\": None; give a JSON object of lars's arguments"),
+    ("lr=0.1", r"has \"params\": 'lr=0.1'; give a JSON object"),
+    ({"lr": "auto"}, r"\['lr'\] are \"auto\", which only the Hugging Face Trainer fills in"),
+])
+def test_a_bad_deepspeed_optimizer_section_names_the_fix(params: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        hf_deepspeed.optimizer_from_config({"optimizer": {"type": "LARS", "params": params}}, nn.Linear(2, 2))

@@ -67,7 +67,11 @@ def pop_optimizer_section(config: dict[str, Any]) -> tuple[str, dict[str, Any]] 
     if not section or str(section.get("type", "")).upper() not in DEEPSPEED_OPTIMIZER_TYPES:
         return None
     name = DEEPSPEED_OPTIMIZER_TYPES[str(section["type"]).upper()]
-    params = dict(section.get("params", {}))
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise ValueError(f"the DeepSpeed config's \"optimizer\" section {section['type']!r} has \"params\": {params!r}; "
+                         f"give a JSON object of {name}'s arguments, e.g. {{\"lr\": 0.1}}, or leave it out")
+    params = dict(params)
     check_optimizer_kwargs(name, params)
     config.pop("optimizer")
     config["zero_allow_untested_optimizer"] = True
@@ -84,6 +88,10 @@ def optimizer_from_config(config: dict[str, Any], model_or_params: nn.Module | I
     if spec is None:
         return None
     name, params = spec
+    auto = sorted(key for key, value in params.items() if value == "auto")
+    if auto:
+        raise ValueError(f"the DeepSpeed config's \"optimizer\" params {auto} are \"auto\", which only the Hugging Face "
+                         "Trainer fills in (from its training arguments): give their values here, or train with CBLRTrainer")
     return cast(CBLR, create_optimizer(model_or_params, name, **params))
 
 

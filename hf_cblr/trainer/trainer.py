@@ -78,6 +78,7 @@ from hf_cblr.trainer.batch_ramp import GROUP_BY_LENGTH, BatchRamp, BatchSchedule
 from hf_cblr.trainer.batch_schedule import FullBatch
 from hf_cblr.trainer.closure import CurvatureClosure
 from hf_cblr.trainer.dropping import SmallLossDropping
+from hf_cblr.trainer.run_settings import RunSettingsCallback
 from hf_cblr.trainer.sample_selection import per_sample_loss
 
 if is_datasets_available():
@@ -123,6 +124,7 @@ class CBLRTrainer(Trainer):
                                  "per device with torchrun or accelerate launch")
             # Our compute_loss returns the loss normalized over the whole step (hf_cblr.trainer.dropping).
             self.loss_is_scaled_for_ga = True
+        self.add_callback(RunSettingsCallback())
         if self._expects_hf_cblr_optimizer():
             self.add_callback(OptimizerCheckCallback())
             if self.is_deepspeed_enabled:
