@@ -127,7 +127,7 @@ def _build(name: str, layers: list[Tensor], layout: FakeLayout | None = None, **
     info = get_optimizer_info(name)
     names = [f"layer{i}" for i in range(len(layers))]
     return info.optimizer_class([{"params": layers, "param_names": names}], partition_layout=layout,
-                                **{**info.defaults, **kwargs})
+                                **info.arguments(**kwargs))
 
 
 def _run_ranks(world: int, work: Callable[[int], Any]) -> list[Any]:

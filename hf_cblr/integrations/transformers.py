@@ -136,7 +136,7 @@ def optimizer_cls_and_kwargs(
         kwargs.update({key: value for key, value in from_args.items() if key in valid and (key == "lr" or info.base == "adam")})
     kwargs.update(parse_optim_args(optim_args) if optim_args is None or isinstance(optim_args, str) else optim_args)
     check_optimizer_arguments(name, kwargs)
-    return info.optimizer_class, {**info.defaults, **kwargs}
+    return info.optimizer_class, info.arguments(**kwargs)
 
 
 # -- what trains ------------------------------------------------------------------------------------

@@ -47,10 +47,14 @@ class OptimInfo:
                 break
         return sorted(names - set(self.defaults))
 
+    def arguments(self, **kwargs: Any) -> dict[str, Any]:
+        """The keyword arguments the entry builds its optimizer with: its ``defaults``, then ``kwargs``."""
+        return {**self.defaults, **kwargs}
+
     def config(self, **kwargs: Any) -> CBLRConfig:
         """The validated settings of this optimizer with ``kwargs`` over the entry's defaults, without building it."""
         check_optimizer_kwargs(self.name, kwargs)
-        return self.optimizer_class.config(**{**self.defaults, **kwargs})
+        return self.optimizer_class.config(**self.arguments(**kwargs))
 
 
 _REGISTRY: dict[str, OptimInfo] = {}
@@ -107,4 +111,4 @@ def create_optimizer(model_or_params: nn.Module | Any, name: str, **kwargs: Any)
         params = param_groups(model_or_params, weight_decay=kwargs.pop("weight_decay", 0.0))
     else:
         params = model_or_params
-    return info.optimizer_class(params, **{**info.defaults, **kwargs})
+    return info.optimizer_class(params, **info.arguments(**kwargs))

@@ -174,7 +174,7 @@ class CBLRTrainer(Trainer):
         optimizer_name, kwargs = self._config_optimizer or (self.args.optim, self.args.optimizer_kwargs())
         info = get_optimizer_info(optimizer_name)
         groups = param_groups(model, self.args.weight_decay, decayed=set(self.get_decay_parameter_names(model)))
-        return info.optimizer_class(groups, **{**info.defaults, **kwargs})
+        return info.optimizer_class(groups, **info.arguments(**kwargs))
 
     def create_scheduler(self, num_training_steps: int, optimizer: Optimizer | None = None) -> LRScheduler:
         if self.lr_scheduler is None and self._client_lr_scheduler is not None:
