@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from hf_cblr._registry import Registry
 from hf_cblr.optim.types import Direction, LayerBatch, StateKind
 
 
@@ -34,19 +35,10 @@ class BaseDirection:
         raise NotImplementedError
 
 
-DIRECTIONS: dict[str, type[BaseDirection]] = {}
-
-
-def register_direction(cls: type[BaseDirection]) -> type[BaseDirection]:
-    """Class decorator: make ``cls`` selectable as ``base=cls.name``."""
-    DIRECTIONS[cls.name] = cls
-    return cls
-
-
-def create_direction(name: str) -> BaseDirection:
-    if name not in DIRECTIONS:
-        raise ValueError(f"base={name!r} is not valid; valid values: {sorted(DIRECTIONS)}")
-    return DIRECTIONS[name]()
+#: The bases by name; ``@register_direction`` makes a class selectable as ``base=cls.name``.
+DIRECTIONS: Registry[BaseDirection] = Registry("base")
+register_direction = DIRECTIONS.register
+create_direction = DIRECTIONS.create
 
 
 def plus_decay(batch: LayerBatch, direction: list[Tensor], workspace: list[Tensor | None]) -> list[Tensor]:

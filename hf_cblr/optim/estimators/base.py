@@ -21,11 +21,12 @@ the update is applied, :meth:`~CurvatureEstimator.finish`. Add an estimator with
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from hf_cblr._registry import Registry
 from hf_cblr.optim.types import Closure, EstimateInput, LayerBatch, Prelude, StateKind
 
 AGGREGATES = ("mean", "median")
@@ -96,19 +97,10 @@ class CurvatureEstimator:
         return torch.randperm(numel, generator=generator)[: self.sample_size].sort().values
 
 
-CURVATURE_ESTIMATORS: dict[str, type[CurvatureEstimator]] = {}
-
-
-def register_curvature_estimator(cls: type[CurvatureEstimator]) -> type[CurvatureEstimator]:
-    """Class decorator: make ``cls`` selectable as ``curvature=cls.name``."""
-    CURVATURE_ESTIMATORS[cls.name] = cls
-    return cls
-
-
-def create_curvature_estimator(name: str, **kwargs: Any) -> CurvatureEstimator:
-    if name not in CURVATURE_ESTIMATORS:
-        raise ValueError(f"curvature={name!r} is not a known estimator; valid values: {sorted(CURVATURE_ESTIMATORS)}")
-    return CURVATURE_ESTIMATORS[name](**kwargs)
+#: The estimators by name; ``@register_curvature_estimator`` makes a class selectable as ``curvature=cls.name``.
+CURVATURE_ESTIMATORS: Registry[CurvatureEstimator] = Registry("curvature")
+register_curvature_estimator = CURVATURE_ESTIMATORS.register
+create_curvature_estimator = CURVATURE_ESTIMATORS.create
 
 
 def nan_where(values: Tensor, invalid: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from hf_cblr._registry import Registry
 from hf_cblr.optim.types import LayerBatch
 
 
@@ -33,16 +34,7 @@ class RateRule:
         return rates
 
 
-RATE_RULES: dict[str, type[RateRule]] = {}
-
-
-def register_rate_rule(cls: type[RateRule]) -> type[RateRule]:
-    """Class decorator: make ``cls`` a rate rule by its ``name``."""
-    RATE_RULES[cls.name] = cls
-    return cls
-
-
-def create_rate_rule(name: str) -> RateRule:
-    if name not in RATE_RULES:
-        raise ValueError(f"rate rule {name!r} is not known; valid values: {sorted(RATE_RULES)}")
-    return RATE_RULES[name]()
+#: The rules by name; ``@register_rate_rule`` adds a class by its ``name`` (an optimizer class's ``rate_rule``).
+RATE_RULES: Registry[RateRule] = Registry("rate_rule")
+register_rate_rule = RATE_RULES.register
+create_rate_rule = RATE_RULES.create
