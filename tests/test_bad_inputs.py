@@ -181,3 +181,32 @@ def test_resume_refuses_changed_run_settings_even_when_the_consumed_samples_matc
 def test_a_bad_deepspeed_optimizer_section_names_the_fix(params: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         hf_deepspeed.optimizer_from_config({"optimizer": {"type": "LARS", "params": params}}, nn.Linear(2, 2))
+
+
+def test_float64_parameters_step_in_float64() -> None:
+    """State and arithmetic stay in fp64: LARS matches its formula to fp64 precision, and an update below fp32's
+    resolution of the weights is not lost."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(6, 5, dtype=torch.float64, generator=generator) + 10.0
+    grad = torch.randn(6, 5, dtype=torch.float64, generator=generator) * 1e-3
+    param = nn.Parameter(weights.clone())
+    lr, trust, decay = 1e-4, 1e-3, 0.01
+    optimizer = create_optimizer([param], "lars", lr=lr, trust_coefficient=trust, weight_decay=decay, momentum=0.0)
+    param.grad = grad.clone()
+    optimizer.step()
+    rate = trust / ((grad.norm() + decay * weights.norm()) / weights.norm() + 1e-8)  # curvature_eps 1e-8
+    expected = weights - lr * rate * (grad + decay * weights)
+    assert param.dtype == torch.float64
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("name", list_optimizers())
+def test_every_optimizer_keeps_float64_state(name: str) -> None:
+    param = nn.Parameter(torch.ones(4, 4, dtype=torch.float64))
+    optimizer = create_optimizer([param], name, lr=1e-12, **({"curvature": "secant"} if name.startswith("cblr") else {}))
+    for step in range(3):
+        param.grad = torch.full((4, 4), 1.0 + step, dtype=torch.float64)
+        optimizer.step()
+    floating = [v for v in optimizer.state[param].values() if isinstance(v, torch.Tensor) and v.numel() > 1]
+    assert floating and all(v.dtype == torch.float64 for v in floating)
+    assert (param.detach() != 1.0).all()  # steps of ~1e-12 survive in fp64 (they vanish in fp32)

@@ -18,14 +18,20 @@ from torch import Tensor
 TensorList = list[Tensor]
 
 
+def compute_dtype(tensor: Tensor) -> torch.dtype:
+    """The precision the step computes a tensor's layer in: fp64 for fp64 parameters, fp32 for every other dtype
+    (bf16 and fp16 parameters have fp32 state and arithmetic)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
 class TensorListOps:
     """Single-tensor reference path: a Python loop of ordinary torch ops."""
 
     def norms(self, xs: Sequence[Tensor]) -> Tensor:
-        """The 2-norm of every tensor, stacked into one fp32 vector of ``len(xs)``."""
+        """The 2-norm of every tensor, stacked into one vector of ``len(xs)`` (fp32; fp64 where a tensor is fp64)."""
         if not xs:
             return torch.empty(0)
-        return torch.stack([torch.linalg.vector_norm(x, dtype=torch.float32) for x in xs])
+        return torch.stack([torch.linalg.vector_norm(x, dtype=compute_dtype(x)) for x in xs])
 
     def add(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0,
             outs: Sequence[Tensor | None] | None = None) -> TensorList:
@@ -104,10 +110,10 @@ class TensorListOps:
         ]
 
     def dot(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-        """Per-tensor inner products ``<x, y>`` as one fp32 vector."""
+        """Per-tensor inner products ``<x, y>`` as one vector (fp32; fp64 where a tensor is fp64)."""
         if not xs:
             return torch.empty(0)
-        return torch.stack([torch.sum(x.float() * y.float()) for x, y in zip(xs, ys, strict=True)])
+        return torch.stack([torch.sum(x.to(compute_dtype(x)) * y.to(compute_dtype(x))) for x, y in zip(xs, ys, strict=True)])
 
     def all_reduce_sum(self, vector: Tensor) -> Tensor:
         """``vector`` summed over the ranks that share the layers (in place); in one process, ``vector`` itself."""
@@ -120,6 +126,8 @@ class ForeachTensorListOps(TensorListOps):
     def norms(self, xs: Sequence[Tensor]) -> Tensor:
         if not xs:
             return torch.empty(0)
+        if any(x.dtype == torch.float64 for x in xs):  # one accumulation dtype per foreach call
+            return super().norms(xs)
         return torch.stack(torch._foreach_norm(list(xs), 2, dtype=torch.float32))
 
     def add(self, xs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float = 1.0,

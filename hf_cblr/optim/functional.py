@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hf_cblr.optim._tensor_ops import chunk_elements
+from hf_cblr.optim._tensor_ops import chunk_elements, compute_dtype
 from hf_cblr.optim.directions import BaseDirection
 from hf_cblr.optim.estimators import CurvatureEstimator
 from hf_cblr.optim.rates import RateRule
@@ -57,7 +57,7 @@ class StepParts:
 
     def new_state(self, param: Tensor) -> dict[str, Tensor]:
         """A fresh state for layer (or ZeRO fragment) ``param``."""
-        zero = torch.zeros((), dtype=torch.float32, device=param.device)
+        zero = torch.zeros((), dtype=compute_dtype(param), device=param.device)
         return {key: zero.clone() for key in CORE_STATE_SCHEMA} | self.direction.new_state(param)
 
 
@@ -140,7 +140,7 @@ def _smooth_curvature(batch: LayerBatch, estimate: Tensor, ema: float) -> None:
 
 def _write_back(batch: LayerBatch, update_norms: Tensor) -> None:
     """Copy the fp32 weights into parameters of lower precision, and keep the update's norms for the next step."""
-    low_precision = [i for i, p in enumerate(batch.params) if p.dtype != torch.float32]
+    low_precision = [i for i, (p, w) in enumerate(zip(batch.params, batch.weights, strict=True)) if p is not w]
     batch.ops.copy_([batch.params[i] for i in low_precision], [batch.weights[i] for i in low_precision])
     batch.ops.copy_([state["update_norm"] for state in batch.states], list(update_norms.unbind()))
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_cblr.optim._tensor_ops import TensorList, TensorListOps
+from hf_cblr.optim._tensor_ops import TensorList, TensorListOps, compute_dtype
 
 Closure = Callable[[], Tensor]
 
@@ -90,7 +90,7 @@ def concat_per_layer(parts: list[Any]) -> Any:
 
 @dataclass
 class LayerBatch:
-    """The layers of one param group that have a gradient this step, in fp32: the inputs of a step.
+    """The layers of one param group that have a gradient this step, in fp32 (fp64 layers in fp64): a step's inputs.
 
     Under DeepSpeed ZeRO ``params`` are 1-D fragments of the layers, described by ``fragments``
     (None: whole layers). ``decay`` is each layer's weight decay :math:`\\beta` (0 outside the weight decay mask),
@@ -213,16 +213,17 @@ def layer_batch(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     """The batch of one group's layers: ``params`` are the layers, or under ZeRO their local ``fragments``
     (:mod:`hf_cblr.optim.partitioned`), whose layers have ``ndims`` dimensions (the masks' default)."""
     device = params[0].device
+    vector_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     return LayerBatch(
         group=group,
         params=params,
-        weights=[p if p.dtype == torch.float32 else p.float() for p in params],
-        grads=[g if g.dtype == torch.float32 else g.float() for g in grads],
+        weights=[p if p.dtype == compute_dtype(p) else p.to(compute_dtype(p)) for p in params],
+        grads=[g if g.dtype == compute_dtype(p) else g.to(compute_dtype(p)) for p, g in zip(params, grads, strict=True)],
         states=states,
         names=names,
         layer_ids=layer_ids,
         decay=torch.tensor([group["weight_decay"] if in_mask(group["weight_decay_mask"], n) else 0.0 for n in ndims],
-                           device=device),
+                           device=device, dtype=vector_dtype),
         adapt=torch.tensor([in_mask(group["adaptation_mask"], n) for n in ndims], device=device),
         ops=ops,
         fragments=fragments,

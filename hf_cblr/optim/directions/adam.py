@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from hf_cblr.optim._tensor_ops import TensorList, TensorListOps
+from hf_cblr.optim._tensor_ops import TensorList, TensorListOps, compute_dtype
 from hf_cblr.optim.directions.base import BaseDirection, register_direction
 from hf_cblr.optim.types import Direction, LayerBatch, StateKind
 
@@ -58,8 +58,9 @@ class Adam(BaseDirection):
     needs_step_counts = True
 
     def new_state(self, param: Tensor) -> dict[str, Any]:
-        return {"exp_avg": torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)}
+        dtype = compute_dtype(param)
+        return {"exp_avg": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)}
 
     def direction(self, batch: LayerBatch, workspace: list[Tensor | None], steps: list[float] | None, *,
                   gains: bool) -> AdamDirection:

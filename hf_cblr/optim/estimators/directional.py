@@ -55,7 +55,7 @@ def hessian_vector_products(params: list[Tensor], vectors: TensorList, closure: 
     result = [torch.zeros_like(vector) for vector in vectors]
     for i, product in zip(used, products, strict=True):
         if product is not None:
-            result[i] = product.float()
+            result[i] = product.to(vectors[i].dtype)
     return result
 
 
@@ -81,7 +81,7 @@ def finite_difference_hessian_vector_products(
         for param, original in zip(params, saved, strict=True):
             param.copy_(original)
     return [
-        torch.zeros_like(grad) if new is None else (new.float() - grad) / epsilon
+        torch.zeros_like(grad) if new is None else (new.to(grad.dtype) - grad) / epsilon
         for grad, new in zip(grads, perturbed, strict=True)
     ]
 

@@ -45,7 +45,7 @@ class SecantCurvature(CurvatureEstimator):
         if has_previous:
             previous = [batch.states[i]["prev_grad"] for i in has_previous]
             batch.ops.sub_(previous, [batch.grads[i] for i in has_previous])  # sign is irrelevant to the norm
-            grad_change_norms[has_previous] = batch.ops.norms(previous)
+            grad_change_norms[has_previous] = batch.ops.norms(previous).to(grad_change_norms.dtype)
             for i, buffer in zip(has_previous, previous, strict=True):
                 workspace[i] = buffer
         return SecantPrelude(workspace, grad_change_norms)

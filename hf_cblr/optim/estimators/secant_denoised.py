@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from hf_cblr._distributed import world_size as data_parallel_world_size
+from hf_cblr.optim._tensor_ops import compute_dtype
 from hf_cblr.optim.estimators.base import nan_where, register_curvature_estimator
 from hf_cblr.optim.estimators.secant import SecantCurvature, SecantPrelude
 from hf_cblr.optim.types import Closure, EstimateInput, LayerBatch, StateKind
@@ -154,13 +155,13 @@ class DenoisedSecantCurvature(SecantCurvature):
 def _record_pass(reference: weakref.ref[_MicroBatchNorms], grad: Tensor) -> None:
     norms = reference()
     if norms is not None:
-        norms.pending = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
+        norms.pending = torch.linalg.vector_norm(grad.detach(), dtype=compute_dtype(grad)).square()
 
 
 def _commit_pass(reference: weakref.ref[_MicroBatchNorms], param: Tensor) -> None:
     norms = reference()
     if norms is not None and norms.pending is not None and param.grad is not None:
         norms.total = norms.total + norms.pending
-        norms.last = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).square()
+        norms.last = torch.linalg.vector_norm(param.grad.detach(), dtype=compute_dtype(param.grad)).square()
         norms.count += 1
         norms.pending = None

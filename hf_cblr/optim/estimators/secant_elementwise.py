@@ -64,7 +64,7 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
             curvatures = self._curvatures(batch, direction, rows, [positions[i] for i in rows], [grads[i] for i in rows],
                                           [weights[i] for i in rows])
             aggregated = curvatures.nanmedian(dim=1).values if self.aggregate == "median" else curvatures.nanmean(dim=1)
-            estimate[rows] = aggregated + batch.decay[rows]
+            estimate[rows] = (aggregated + batch.decay[rows]).to(estimate.dtype)
         for state, grad, weight in zip(batch.states, grads, weights, strict=True):
             state["sample_prev_grad"] = grad
             state["sample_prev_weight"] = weight
