@@ -43,6 +43,11 @@ from hf_cblr.optim.partitioned import PartitionedLayers, PartitionLayout
 from hf_cblr.optim.rates import create_rate_rule
 from hf_cblr.optim.types import LayerBatch, StateKind, in_mask
 
+#: The per-parameter state entries of torch's optimizers, to name what saved a state that is not ours.
+FOREIGN_STATE_ENTRIES = {
+    "torch's Adam/AdamW (optim='adamw_torch')": {"step", "exp_avg", "exp_avg_sq"},
+    "torch's SGD with momentum": {"momentum_buffer"},
+}
 #: ``state_dict()[SETTINGS_KEY]``: the settings the saved state belongs to (:meth:`CBLR._estimator_settings`).
 SETTINGS_KEY = "hf_cblr"
 
@@ -259,9 +264,11 @@ class CBLR(Optimizer):
         saved, current = state_dict.get(SETTINGS_KEY), self._estimator_settings()
         if saved is None and any(state_dict.get("state", {}).values()):
             keys = sorted({key for state in state_dict["state"].values() for key in state})
+            source = next((name for name, entries in FOREIGN_STATE_ENTRIES.items() if set(keys) == entries), None)
+            saved_by = f", those of {source}" if source else ""
             raise ValueError(
                 f"the optimizer state was not saved by an hf_cblr optimizer (it has no {SETTINGS_KEY!r} settings entry; "
-                f"its per-parameter entries are {keys}), so this {type(self).__name__} cannot continue it: start the "
+                f"its per-parameter entries are {keys}{saved_by}), so this {type(self).__name__} cannot continue it: start the "
                 "optimizer fresh (do not load this state, e.g. resume the Trainer without the checkpoint's optimizer.pt), "
                 "or load it into the optimizer that saved it"
             )
