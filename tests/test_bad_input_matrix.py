@@ -83,11 +83,13 @@ def _synthetic_step(problem: Problem, optimizer: CBLR, config: OptimizerConfig, 
     optimizer.step(problem.loss if config.needs_closure else None)
 
 
+@pytest.mark.parametrize("target", ["grad", "weight"])
 @pytest.mark.parametrize("value", list(NON_FINITE), ids=list(NON_FINITE))
-def test_a_non_finite_gradient_is_isolated_to_its_layer(optimizer_config: OptimizerConfig, value: str) -> None:
-    """One non-finite gradient element: the other layers stay finite and the package's own state (curvatures, rates)
-    stays finite; the poisoned layer's moments and weights are torch's behaviour (``docs/reliability.md``). Once
-    clean gradients return, the rates and curvatures stay finite and the other layers' samples are finite again."""
+def test_a_non_finite_value_is_isolated_to_its_layer(optimizer_config: OptimizerConfig, value: str, target: str) -> None:
+    """One non-finite gradient or weight element: the other layers stay finite and the package's own state
+    (curvatures, rates) stays finite; the poisoned layer's moments and weights are torch's behaviour
+    (``docs/reliability.md``). Once clean gradients return, the rates and curvatures stay finite and the other layers'
+    samples are finite again."""
     problem = Problem()
     generator = torch.Generator().manual_seed(2)
     optimizer = _optimizer(optimizer_config, problem.model.named_parameters())
@@ -96,7 +98,11 @@ def test_a_non_finite_gradient_is_isolated_to_its_layer(optimizer_config: Optimi
     poisoned = problem.model[3].weight
 
     def poison() -> None:
-        poisoned.grad[0, 0] = NON_FINITE[value]
+        if target == "grad":
+            poisoned.grad[0, 0] = NON_FINITE[value]
+        else:
+            with torch.no_grad():
+                poisoned[0, 0] = NON_FINITE[value]
 
     _synthetic_step(problem, optimizer, optimizer_config, generator, poison)
     others = [p for p in problem.layers if p is not poisoned]
