@@ -162,3 +162,21 @@ def test_prepare_deepspeed_config() -> None:
         prepare_deepspeed_config({**offload, "zero_force_ds_cpu_optimizer": True})
     with pytest.raises(ValueError, match="remove the \"optimizer\" section"):
         prepare_deepspeed_config({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 1}})
+
+
+@pytest.mark.parametrize(("optim", "expected"), [("cblr_adam", 5e-4), ("mclr_adam", 5e-4), ("lamb", 5e-3),
+                                                 ("adamw_torch", 5e-5)])
+def test_without_a_learning_rate_the_registry_recommendation_is_used(tmp_path: Path, optim: str, expected: float) -> None:
+    """Issue 11: no silent 5e-5 x trust for our optimizers; stock optimizers keep transformers' default."""
+    args = CBLRTrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True, report_to=[])
+    assert args.learning_rate == expected
+    if optim != "adamw_torch":
+        assert args.optimizer_kwargs()["lr"] == expected
+
+
+@pytest.mark.parametrize("optim", ["cblr", "mclr", "lars"])
+def test_an_optimizer_without_a_recommended_learning_rate_asks_for_one(tmp_path: Path, optim: str) -> None:
+    with pytest.raises(ValueError, match=rf"optim='{optim}' has no recommended learning rate .*give learning_rate"):
+        CBLRTrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True, report_to=[])
+    assert CBLRTrainingArguments(output_dir=str(tmp_path), optim=optim, learning_rate=0.1, use_cpu=True,
+                                 report_to=[]).learning_rate == 0.1

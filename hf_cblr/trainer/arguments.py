@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
+from transformers.utils import logging
 
 from hf_cblr.integrations.transformers import TRAINING_ARGUMENT_KEYS, check_optimizer_arguments, parse_optim_args
 from hf_cblr.optim.config import check_number
@@ -15,7 +16,11 @@ from hf_cblr.optim.registry import get_optimizer_info, list_optimizers
 from hf_cblr.trainer.batch_schedule import GRAMMAR, LR_SCALINGS, BatchSizeSchedule, parse_batch_size_schedule
 from hf_cblr.trainer.sample_selection import DROP_SCORINGS, DROP_SELECTIONS
 
+logger = logging.get_logger(__name__)
+
 STOCK_OPTIMIZERS = [name.value for name in OptimizerNames]
+#: ``learning_rate`` of transformers' ``TrainingArguments``, for the stock optimizers.
+STOCK_DEFAULT_LEARNING_RATE = TrainingArguments.__dataclass_fields__["learning_rate"].default
 #: Every value ``optim`` accepts: the hf_cblr registry, then the stock ``OptimizerNames``.
 OPTIM_CHOICES = list_optimizers() + STOCK_OPTIMIZERS
 
@@ -46,6 +51,14 @@ class CBLRTrainingArguments(TrainingArguments):
                     "transformers OptimizerNames value. The hf_cblr ones take their keyword arguments from optim_args, "
                     "learning_rate and weight_decay, and (Adam bases) adam_beta1/adam_beta2/adam_epsilon.",
             "choices": OPTIM_CHOICES,
+        },
+    )
+    learning_rate: float | None = field(  # type: ignore[assignment]
+        default=None,
+        metadata={
+            "help": "The initial learning rate. Default (None): for an hf_cblr optimizer, the learning rate the "
+                    "registry recommends for it (measured in docs/study.md; an optimizer without one asks for "
+                    "learning_rate); for a stock optimizer, transformers' default 5e-5."
         },
     )
     optim_args: str | None = field(
@@ -103,6 +116,11 @@ class CBLRTrainingArguments(TrainingArguments):
         ours = self.optim in list_optimizers()
         if not ours and self.optim not in STOCK_OPTIMIZERS:
             raise ValueError(f"optim={self.optim!r} is not valid; valid values: {OPTIM_CHOICES}")
+        # Without a learning rate, ours take the registry's recommendation; one without any is refused, after the
+        # other arguments are checked (so that their errors come first).
+        missing_learning_rate = self.learning_rate is None and ours and get_optimizer_info(self.optim).recommended_lr is None
+        if self.learning_rate is None:
+            self.learning_rate = STOCK_DEFAULT_LEARNING_RATE if missing_learning_rate else self._default_learning_rate(ours)
         if ours:
             name, self.optim = self.optim, OptimizerNames.ADAMW_TORCH.value
             try:
@@ -126,6 +144,20 @@ class CBLRTrainingArguments(TrainingArguments):
             raise ValueError(f"drop_warmup_steps must be an integer >= 0, got {self.drop_warmup_steps!r}")
         _check_choice("drop_selection", self.drop_selection, DROP_SELECTIONS)
         _check_choice("drop_scoring", self.drop_scoring, DROP_SCORINGS)
+        if missing_learning_rate:
+            with_lr = [name for name in list_optimizers() if get_optimizer_info(name).recommended_lr is not None]
+            raise ValueError(f"optim={self.optim!r} has no recommended learning rate (docs/study.md measured none that "
+                             f"fine-tunes well): give learning_rate (the optimizers with one: {with_lr})")
+
+    def _default_learning_rate(self, ours: bool) -> float:
+        """The learning rate when none is given: the registry's recommendation for ours (which has one), transformers'
+        for the rest."""
+        if not ours:
+            return STOCK_DEFAULT_LEARNING_RATE
+        recommended = get_optimizer_info(self.optim).recommended_lr
+        logger.info("learning_rate not given: optim=%r takes its recommended learning rate %g (docs/study.md)",
+                    self.optim, recommended)
+        return recommended
 
     @property
     def uses_hf_cblr_optimizer(self) -> bool:
