@@ -177,10 +177,7 @@ class CBLR(Optimizer):
                 "its fp32 arithmetic would erase their imaginary part; optimize the real view of each, "
                 "torch.view_as_real(param), as a real parameter instead"
             )
-        settings = GroupSettings.of_group(group)  # validated; numpy scalars become Python numbers
-        group.update({key: getattr(settings, key) for key in ("lr", "momentum", "dampening", "weight_decay", "trust",
-                                                              "curvature_ema", "curvature_eps", "max_ratio", "min_ratio",
-                                                              "eps", "betas") if key in group})
+        group.update(GroupSettings.of_group(group).values_for(group))  # validated; numpy scalars become Python numbers
         self.estimator.watch(group["params"])
         self._partitioned.record(group, len(self.param_groups) - 1,
                                  [in_mask(group["adaptation_mask"], layer_ndim(param)) for param in group["params"]])

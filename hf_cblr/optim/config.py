@@ -93,6 +93,10 @@ class GroupSettings:
         """The settings of a param group, validated (a setting the group does not carry, its base does not read)."""
         return cls(**{f.name: group[f.name] for f in fields(GroupSettings) if f.name in group})
 
+    def values_for(self, group: dict[str, Any]) -> dict[str, Any]:
+        """These settings, as the values of the keys ``group`` carries."""
+        return {f.name: getattr(self, f.name) for f in fields(GroupSettings) if f.name in group}
+
 
 @dataclass
 class CBLRConfig(GroupSettings):

@@ -42,7 +42,6 @@ def in_mask(mask: bool | None, ndim: int) -> bool:
     return ndim > 1 if mask is None else mask
 
 
-
 @dataclass(frozen=True)
 class LayerFragment:
     """The part of one layer that lives in this rank's flat partition.

@@ -118,9 +118,13 @@ class CBLRTrainingArguments(TrainingArguments):
             raise ValueError(f"optim={self.optim!r} is not valid; valid values: {OPTIM_CHOICES}")
         # Without a learning rate, ours take the registry's recommendation; one without any is refused, after the
         # other arguments are checked (so that their errors come first).
-        missing_learning_rate = self.learning_rate is None and ours and get_optimizer_info(self.optim).recommended_lr is None
+        recommended = get_optimizer_info(self.optim).recommended_lr if ours else STOCK_DEFAULT_LEARNING_RATE
+        missing_learning_rate = self.learning_rate is None and recommended is None
         if self.learning_rate is None:
-            self.learning_rate = STOCK_DEFAULT_LEARNING_RATE if missing_learning_rate else self._default_learning_rate(ours)
+            self.learning_rate = STOCK_DEFAULT_LEARNING_RATE if missing_learning_rate else recommended
+            if ours and not missing_learning_rate:
+                logger.info("learning_rate not given: optim=%r takes its recommended learning rate %g (docs/study.md)",
+                            self.optim, recommended)
         if ours:
             name, self.optim = self.optim, OptimizerNames.ADAMW_TORCH.value
             try:
@@ -148,16 +152,6 @@ class CBLRTrainingArguments(TrainingArguments):
             with_lr = [name for name in list_optimizers() if get_optimizer_info(name).recommended_lr is not None]
             raise ValueError(f"optim={self.optim!r} has no recommended learning rate (docs/study.md measured none that "
                              f"fine-tunes well): give learning_rate (the optimizers with one: {with_lr})")
-
-    def _default_learning_rate(self, ours: bool) -> float:
-        """The learning rate when none is given: the registry's recommendation for ours (which has one), transformers'
-        for the rest."""
-        if not ours:
-            return STOCK_DEFAULT_LEARNING_RATE
-        recommended = get_optimizer_info(self.optim).recommended_lr
-        logger.info("learning_rate not given: optim=%r takes its recommended learning rate %g (docs/study.md)",
-                    self.optim, recommended)
-        return recommended
 
     @property
     def uses_hf_cblr_optimizer(self) -> bool:
