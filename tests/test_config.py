@@ -24,6 +24,7 @@ def test_defaults_resolve_trust_by_base_and_betas_to_a_tuple() -> None:
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     (dict(trust=math.nan), ValueError, r"trust must be in \(0.0, inf\), got nan"),
     (dict(curvature="newton"), ValueError, r"curvature='newton' is not a known estimator; valid values: \["),
+    (dict(rate_rule="newton"), ValueError, r"rate_rule='newton' is not valid; valid values: \['inverse_curvature', 'median'\]"),
     (dict(base="rmsprop"), ValueError, r"base='rmsprop' is not valid; valid values: \['sgd', 'adam'\]"),
     (dict(update_interval=5), ValueError, "update_interval=5 applies to the closure estimators"),
     (dict(min_ratio=20.0), ValueError, r"min_ratio must be in \[0.0, 10.0\]"),
@@ -63,6 +64,28 @@ def test_special_cases_map_their_arguments() -> None:
     assert LARS([param], trust_coefficient=0.02).settings.trust == 0.02
     assert LAMB([param]).settings.base == "adam"
     assert MCLR([param]).settings.curvature == "secant_elementwise"
+    assert MCLR([param]).settings.rate_rule == "median"
+    with pytest.raises(ValueError, match=r"MCLR normalizes by the median curvature: rate_rule='inverse_curvature'"):
+        MCLR([param], rate_rule="inverse_curvature")
+
+
+def test_cblr_under_the_median_rule_is_mclr() -> None:
+    """``rate_rule="median"`` makes CBLR's rates MCLR's: the same element-wise median curvature gives the same steps."""
+    torch.manual_seed(0)
+    weights = [torch.randn(6, 5), torch.randn(4, 6)]
+    models = [[nn.Parameter(w.clone()) for w in weights] for _ in range(2)]
+    optimizers = [MCLR(models[0], lr=0.05, base="adam"),
+                  CBLR(models[1], lr=0.05, base="adam", trust=1.0, curvature="secant_elementwise", aggregate="median",
+                       rate_rule="median")]
+    for _ in range(4):
+        x = torch.randn(8, 5)
+        for params, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad()
+            (torch.tanh(x @ params[0].T) @ params[1].T).pow(2).mean().backward()
+            optimizer.step()
+    for mclr_param, cblr_param in zip(*models, strict=True):
+        torch.testing.assert_close(cblr_param, mclr_param, rtol=0, atol=0)
+    assert not torch.equal(models[0][0], weights[0])
 
 
 def test_a_group_override_is_validated_when_the_group_is_added() -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from itertools import chain
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -73,6 +73,10 @@ class CBLR(Optimizer):
             (``docs/algorithm.md``, §4 and §8); ``secant_denoised`` needs two or more backward passes per
             step (gradient accumulation) and is not supported under DeepSpeed ZeRO (nor is ``secant_pooled``).
         aggregate: ``mean`` or ``median`` of per-element curvatures (element-wise estimators).
+        rate_rule: how curvatures become rates, one of :data:`~hf_cblr.optim.rates.RATE_RULES`:
+            ``inverse_curvature`` (default, CBLR's :math:`r_l = \tau / c_l`) or ``median`` (MCLR's
+            :math:`r_l = \tau\, \operatorname{median}_k c_k / c_l`: the curvature sets how the layers' rates compare,
+            the learning rate sets their scale; ``trust`` is then dimensionless).
         curvature_ema: :math:`\alpha`, the EMA factor smoothing the estimates (0: no smoothing).
         curvature_eps: :math:`\epsilon_c`, added to the curvature in the rate's denominator.
         update_interval: estimate every this many steps (``hvp``, ``fd``, ``hutchinson`` only; the
@@ -100,9 +104,6 @@ class CBLR(Optimizer):
     other estimators a closure is called once, as in ``torch.optim.SGD``.
     """
 
-    #: The rate rule (:mod:`hf_cblr.optim.rates`): CBLR's ``tau / c_l``.
-    rate_rule: ClassVar[str] = "inverse_curvature"
-
     def __init__(self, params: Iterable[Any], *, config: CBLRConfig | None = None, **kwargs: Any) -> None:
         if config is None:
             config = self.config(**kwargs)
@@ -112,7 +113,7 @@ class CBLR(Optimizer):
         self.settings = config
         self.estimator = create_curvature_estimator(config.curvature, **config.estimator_settings())
         #: The composition of the step: base direction x curvature estimator x rate rule.
-        self.parts = StepParts(create_direction(config.base), self.estimator, create_rate_rule(self.rate_rule))
+        self.parts = StepParts(create_direction(config.base), self.estimator, create_rate_rule(config.rate_rule))
         self.curvature = config.curvature
         self.base = config.base
         self.update_interval = config.update_interval
@@ -138,6 +139,7 @@ class CBLR(Optimizer):
         trust: float | None = None,
         curvature: str = "secant_denoised",
         aggregate: str = "mean",
+        rate_rule: str = "inverse_curvature",
         curvature_ema: float = 0.9,
         curvature_eps: float = 1e-8,
         update_interval: int = 1,
@@ -156,7 +158,7 @@ class CBLR(Optimizer):
     ) -> dict[str, Any]:
         """This class's keyword arguments (the class docstring's Args) as the fields of a :class:`CBLRConfig`."""
         return dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
-            trust=trust, curvature=curvature, aggregate=aggregate, curvature_ema=curvature_ema,
+            trust=trust, curvature=curvature, aggregate=aggregate, rate_rule=rate_rule, curvature_ema=curvature_ema,
             curvature_eps=curvature_eps, update_interval=update_interval, max_ratio=max_ratio, min_ratio=min_ratio,
             base=base, betas=betas, eps=eps, weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
             sample_size=sample_size, seed=seed, fd_step=fd_step, foreach=foreach, partition_layout=partition_layout)

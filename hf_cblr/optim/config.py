@@ -17,6 +17,7 @@ from typing import Any
 from hf_cblr.optim.directions import DIRECTIONS
 from hf_cblr.optim.estimators import AGGREGATES, CURVATURE_ESTIMATORS
 from hf_cblr.optim.partitioned import PartitionLayout
+from hf_cblr.optim.rates import RATE_RULES
 
 #: ``trust`` when none is given, per base, chosen with the default ``curvature`` (``docs/study.md``): on the SGD base
 #: with ``lr = 0.1`` a layer takes 1% of its Newton step; on the Adam base the value that fine-tunes MiniLM on SST-2
@@ -107,6 +108,7 @@ class CBLRConfig(GroupSettings):
 
     curvature: str = "secant_denoised"
     aggregate: str = "mean"
+    rate_rule: str = "inverse_curvature"
     update_interval: int = 1
     base: str = "sgd"
     sample_size: int | None = 4096
@@ -121,6 +123,8 @@ class CBLRConfig(GroupSettings):
                              f"{sorted(CURVATURE_ESTIMATORS)}")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate={self.aggregate!r} is not valid; valid values: {list(AGGREGATES)}")
+        if self.rate_rule not in RATE_RULES:
+            raise ValueError(f"rate_rule={self.rate_rule!r} is not valid; valid values: {sorted(RATE_RULES)}")
         if self.base not in DIRECTIONS:
             raise ValueError(f"base={self.base!r} is not valid; valid values: {list(DIRECTIONS)}")
         self.update_interval, self.sample_size, self.seed, self.fd_step = (

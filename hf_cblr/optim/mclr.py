@@ -15,7 +15,7 @@ Under DeepSpeed ZeRO-1/2/3 the rates are those of one process for any world size
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from hf_cblr.optim.cblr import CBLR
 from hf_cblr.optim.estimators import CURVATURE_ESTIMATORS
@@ -25,14 +25,15 @@ ELEMENTWISE_ESTIMATORS = tuple(sorted(name for name, cls in CURVATURE_ESTIMATORS
 
 class MCLR(CBLR):
     """Median-curvature learning rate. Takes the arguments of :class:`CBLR`; ``curvature`` must be
-    element-wise (``secant_elementwise``, the default, or ``hutchinson``) and ``aggregate`` is ``median``."""
-
-    rate_rule: ClassVar[str] = "median"
+    element-wise (``secant_elementwise``, the default, or ``hutchinson``); ``aggregate`` and ``rate_rule`` are
+    ``median``."""
 
     @classmethod
     def cblr_arguments(cls, *, lr: float = 0.1, trust: float = 1.0,  # type: ignore[override]
-                       curvature: str = "secant_elementwise", aggregate: str = "median", **kwargs: Any) -> dict[str, Any]:
-        """CBLR's arguments with MCLR's defaults; ``curvature`` must be element-wise, ``aggregate`` the median."""
+                       curvature: str = "secant_elementwise", aggregate: str = "median", rate_rule: str = "median",
+                       **kwargs: Any) -> dict[str, Any]:
+        """CBLR's arguments with MCLR's defaults; ``curvature`` must be element-wise, ``aggregate`` and ``rate_rule``
+        the median."""
         if curvature not in ELEMENTWISE_ESTIMATORS:
             raise ValueError(
                 f"MCLR needs per-element curvatures: curvature={curvature!r} is not valid; valid values: "
@@ -40,4 +41,8 @@ class MCLR(CBLR):
             )
         if aggregate != "median":
             raise ValueError(f"MCLR aggregates by the median: aggregate={aggregate!r} is not valid; valid values: ['median']")
-        return super().cblr_arguments(lr=lr, trust=trust, curvature=curvature, aggregate=aggregate, **kwargs)
+        if rate_rule != "median":
+            raise ValueError(f"MCLR normalizes by the median curvature: rate_rule={rate_rule!r} is not valid; valid "
+                             "values: ['median']")
+        return super().cblr_arguments(lr=lr, trust=trust, curvature=curvature, aggregate=aggregate, rate_rule=rate_rule,
+                                      **kwargs)
