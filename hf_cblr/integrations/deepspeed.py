@@ -1,4 +1,4 @@
-"""DeepSpeed entry points: ``"optimizer": {"type": "CBLR" | "MCLR" | "LARS"}`` in a DeepSpeed config, and the checks.
+"""DeepSpeed entry points: ``"optimizer": {"type": "CBLR" | "MCLRAdam" | ...}`` in a DeepSpeed config, and the checks.
 
 Every optimizer of this package, with any estimator that needs no closure, is exact under ZeRO-1/2/3
 by itself (the optimizer finds the layers behind ZeRO's flat partitions: :mod:`hf_cblr.optim.partitioned`, ``docs/zero.md``), MCLR
@@ -22,27 +22,48 @@ This module does that, and sets the two config flags a client optimizer needs:
 
 * :func:`pop_optimizer_section`, and :func:`take_trainer_optimizer_section`, which
   :class:`~hf_cblr.trainer.CBLRTrainer` uses for a DeepSpeed config with our section.
+
+**Type names.** Every registry optimizer (:func:`hf_cblr.list_optimizers`) has one ``"type"``, derived from its
+registry name by :func:`deepspeed_type` and listed in :data:`DEEPSPEED_OPTIMIZER_TYPES`: the method's acronym in
+capitals, then the base capitalized (``cblr`` -> ``CBLR``, ``mclr_adam`` -> ``MCLRAdam``); a spelling that DeepSpeed
+already owns (:data:`DEEPSPEED_OWN_OPTIMIZER_TYPES`: ``LAMB`` is its FusedLamb) gets the ``HfCblr`` prefix
+(``lamb`` -> ``HfCblrLAMB``). The types match in any case, as DeepSpeed matches its own. A type that looks like ours
+(it starts with ``HfCblr`` or with the acronym of a registry method that DeepSpeed does not own, ignoring case and
+all but letters and digits: ``cblr_adam``, ``LARSAdam``) but is none of them raises ``ValueError`` naming the valid
+types; the base is part of the type, so a ``"base"`` in ``"params"`` is refused, naming the types.
+
+**"auto" params.** Under ``CBLRTrainer`` transformers' ``HfTrainerDeepSpeedConfig`` fills the section's ``"auto"``
+values as it does for DeepSpeed's own optimizers (:data:`TRAINER_FILLED_PARAMS`: ``lr`` from ``learning_rate``,
+``betas`` from ``[adam_beta1, adam_beta2]``, ``eps`` from ``adam_epsilon``, ``weight_decay`` from ``weight_decay``),
+and a value given there that differs from the training argument stops training when it starts (its mismatch check).
+Any other ``"auto"`` is refused: no training argument fills it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
+import torch
 from torch import nn
 
 from hf_cblr.integrations.transformers import check_optimizer_arguments, parse_optim_args, prepare_deepspeed_config
 from hf_cblr.optim.cblr import CBLR
 from hf_cblr.optim.partitioned import check_zero_support
-from hf_cblr.optim.registry import check_optimizer_kwargs, create_optimizer
+from hf_cblr.optim.registry import check_optimizer_kwargs, create_optimizer, list_optimizers
 
 if TYPE_CHECKING:
     from hf_cblr.trainer.arguments import CBLRTrainingArguments
 
 __all__ = [
     "DEEPSPEED_OPTIMIZER_TYPES",
+    "DEEPSPEED_OWN_OPTIMIZER_TYPES",
+    "HF_CBLR_TYPE_PREFIX",
+    "TRAINER_FILLED_PARAMS",
+    "deepspeed_type",
     "initialize",
     "optimizer_from_config",
     "pop_optimizer_section",
@@ -50,28 +71,74 @@ __all__ = [
     "zero_stage",
 ]
 
-#: The ``"optimizer": {"type": ...}`` names of a DeepSpeed config that this package builds (any case), and their
-#: registry names; all run under ZeRO-1/2/3. ``LAMB`` is not among them: DeepSpeed maps that name to its own FusedLamb.
-DEEPSPEED_OPTIMIZER_TYPES = {"CBLR": "cblr", "MCLR": "mclr", "LARS": "lars"}
+#: DeepSpeed's own ``"optimizer"`` types (``deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS``, which DeepSpeed matches
+#: in any case): a registry optimizer whose spelling is one of them gets the :data:`HF_CBLR_TYPE_PREFIX`.
+DEEPSPEED_OWN_OPTIMIZER_TYPES = frozenset({"adagrad", "adam", "adamw", "lamb", "lion", "muadam", "muadamw", "muon", "musgd"})
+#: The prefix of a type whose plain spelling DeepSpeed owns (``HfCblrLAMB``); also what marks a type as meant for hf_cblr.
+HF_CBLR_TYPE_PREFIX = "HfCblr"
+#: The section's ``params`` that transformers' ``HfTrainerDeepSpeedConfig`` fills from the training arguments where they
+#: are ``"auto"`` (and checks against them where they are not), as for DeepSpeed's own optimizers.
+TRAINER_FILLED_PARAMS = {"lr": "learning_rate", "betas": "[adam_beta1, adam_beta2]", "eps": "adam_epsilon",
+                         "weight_decay": "weight_decay"}
+
+
+def deepspeed_type(name: str) -> str:
+    """The DeepSpeed ``"type"`` of registry optimizer ``name``: its method's acronym in capitals, then each further part
+    capitalized (``cblr`` -> ``CBLR``, ``mclr_adam`` -> ``MCLRAdam``), with :data:`HF_CBLR_TYPE_PREFIX` where DeepSpeed
+    owns that spelling (``lamb`` -> ``HfCblrLAMB``)."""
+    method, *rest = name.split("_")
+    spelling = method.upper() + "".join(part.capitalize() for part in rest)
+    return HF_CBLR_TYPE_PREFIX + spelling if spelling.lower() in DEEPSPEED_OWN_OPTIMIZER_TYPES else spelling
+
+
+#: The ``"optimizer": {"type": ...}`` names of a DeepSpeed config that this package builds (matched in any case), and
+#: their registry names: one per registry optimizer, all of which run under ZeRO-1/2/3.
+DEEPSPEED_OPTIMIZER_TYPES = {deepspeed_type(name): name for name in list_optimizers()}
+_REGISTRY_NAME_OF_TYPE = {type_name.lower(): name for type_name, name in DEEPSPEED_OPTIMIZER_TYPES.items()}
+#: Lower-cased types of DeepSpeed's own that are also the plain spelling of a registry optimizer (``lamb``).
+_SHADOWED_TYPES = {type_name[len(HF_CBLR_TYPE_PREFIX):].lower(): name for type_name, name in DEEPSPEED_OPTIMIZER_TYPES.items()
+                   if type_name.startswith(HF_CBLR_TYPE_PREFIX)}
+#: What a type meant for hf_cblr starts with, once lower-cased and stripped of all but letters and digits: the prefix,
+#: or a registry method's acronym that DeepSpeed does not own.
+_OUR_TYPE_STEMS = (HF_CBLR_TYPE_PREFIX.lower(), *sorted({name.split("_")[0] for name in list_optimizers()}
+                                                        - DEEPSPEED_OWN_OPTIMIZER_TYPES))
+
+
+def _registry_name(type_name: str) -> str | None:
+    """The registry name of DeepSpeed ``"type"`` ``type_name``; None for a type that DeepSpeed builds (its own, or a
+    ``torch.optim`` class); ``ValueError`` naming the valid types for one that looks like ours but is none of them."""
+    name = _REGISTRY_NAME_OF_TYPE.get(type_name.lower())
+    if name is not None or type_name.lower() in DEEPSPEED_OWN_OPTIMIZER_TYPES or hasattr(torch.optim, type_name):
+        return name
+    if re.sub(r"[^a-z0-9]", "", type_name.lower()).startswith(_OUR_TYPE_STEMS):
+        raise ValueError(f"the DeepSpeed config's \"optimizer\" type {type_name!r} is not an hf_cblr optimizer; "
+                         f"valid types (any case): {sorted(DEEPSPEED_OPTIMIZER_TYPES)}")
+    return None
 
 
 def pop_optimizer_section(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """Pop ``config["optimizer"]`` if its ``type`` is one of :data:`DEEPSPEED_OPTIMIZER_TYPES`.
+    """Pop ``config["optimizer"]`` if its ``type`` is one of :data:`DEEPSPEED_OPTIMIZER_TYPES` (any case).
 
     Returns the registry name and the section's ``params`` (names checked: ``TypeError`` naming any
-    the optimizer does not take), and sets ``zero_allow_untested_optimizer``, which DeepSpeed requires
-    for any optimizer outside its own list. Returns None, leaving ``config`` as it is, for any other
-    section: DeepSpeed builds that one itself.
+    the optimizer does not take; ``ValueError`` for a ``"base"``, which is part of the type), and sets
+    ``zero_allow_untested_optimizer``, which DeepSpeed requires for any optimizer outside its own list.
+    Returns None, leaving ``config`` as it is, for a section that DeepSpeed builds itself; a type that
+    looks like ours but is none of them raises ``ValueError`` naming the valid types.
     """
     section = config.get("optimizer")
-    if not section or str(section.get("type", "")).upper() not in DEEPSPEED_OPTIMIZER_TYPES:
+    if not section:
         return None
-    name = DEEPSPEED_OPTIMIZER_TYPES[str(section["type"]).upper()]
+    name = _registry_name(str(section.get("type", "")))
+    if name is None:
+        return None
     params = section.get("params", {})
     if not isinstance(params, dict):
         raise ValueError(f"the DeepSpeed config's \"optimizer\" section {section['type']!r} has \"params\": {params!r}; "
                          f"give a JSON object of {name}'s arguments, e.g. {{\"lr\": 0.1}}, or leave it out")
     params = dict(params)
+    if "base" in params:
+        raise ValueError(f"the DeepSpeed config's \"optimizer\" section {section['type']!r} sets \"base\" in \"params\": "
+                         f"the base direction is part of the type ({sorted(DEEPSPEED_OPTIMIZER_TYPES)}): leave \"base\" out")
     check_optimizer_kwargs(name, params)
     config.pop("optimizer")
     config["zero_allow_untested_optimizer"] = True
@@ -105,7 +172,16 @@ def take_trainer_optimizer_section(args: CBLRTrainingArguments, deepspeed_config
     ``DummyOptim`` for it: the registry name and the keyword arguments to build it with (``args.optimizer_kwargs``
     under the section's ``params``), checked. The config dict is the training arguments' own, so the popped section is
     kept on ``args`` for any later Trainer built on them. ``optimizer_given``: the Trainer also got an optimizer
-    (``optimizers=`` or ``optimizer_cls_and_kwargs=``), which is refused with a section."""
+    (``optimizers=`` or ``optimizer_cls_and_kwargs=``), which is refused with a section.
+
+    The section's ``"auto"`` params were filled by transformers from the training arguments
+    (:data:`TRAINER_FILLED_PARAMS`); any other ``"auto"`` is refused here. A section of DeepSpeed's own type that is
+    the plain spelling of ``args.optim`` (``"LAMB"`` with ``optim="lamb"``) is refused, naming the type to write."""
+    section_type = str((deepspeed_config.get("optimizer") or {}).get("type", "")).lower()
+    if _SHADOWED_TYPES.get(section_type) == args.optim:
+        raise ValueError(f"the DeepSpeed config's \"optimizer\" type {section_type.upper()!r} is DeepSpeed's own, not "
+                         f"hf_cblr's optim={args.optim!r}: write \"type\": {deepspeed_type(args.optim)!r}, or remove the "
+                         f"\"optimizer\" section (optim={args.optim!r} builds it)")
     spec = pop_optimizer_section(deepspeed_config)
     if spec is None:
         spec = getattr(args, _POPPED_SECTION, None)
@@ -121,6 +197,10 @@ def take_trainer_optimizer_section(args: CBLRTrainingArguments, deepspeed_config
                          "give one optimizer")
     # The decayed groups' weight decay is args.weight_decay, which transformers matched against the section's.
     params.pop("weight_decay", None)
+    unfilled = sorted(key for key, value in params.items() if value == "auto")
+    if unfilled:
+        raise ValueError(f"the DeepSpeed config's \"optimizer\" params {unfilled} are \"auto\", which no training argument "
+                         f"fills (transformers fills {sorted(TRAINER_FILLED_PARAMS)}): give their values")
     given = parse_optim_args(args.optim_args) if args.optim == name else {}
     clashes = sorted(key for key in params.keys() & given.keys() if params[key] != given[key])
     if clashes:
@@ -138,7 +218,7 @@ def zero_stage(config: dict[str, Any]) -> int:
 
 def initialize(model: nn.Module, config: dict[str, Any] | str | os.PathLike[str], optimizer: Any = None,
                **kwargs: Any) -> tuple[Any, ...]:
-    """``deepspeed.initialize`` that also builds ``"optimizer": {"type": "CBLR" | "MCLR" | "LARS", "params": {...}}``.
+    """``deepspeed.initialize`` that also builds ``"optimizer": {"type": "CBLR" | "MCLRAdam" | ..., "params": {...}}``.
 
     ``config`` is a dict (not modified) or the path of a JSON file. With our optimizer (from the
     config, or passed as ``optimizer``): ``zero_allow_untested_optimizer`` is set; under ZeRO-Offload
