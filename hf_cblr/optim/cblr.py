@@ -35,6 +35,7 @@ from torch.optim import Optimizer
 
 from hf_cblr.optim.config import CBLRConfig, GroupSettings
 from hf_cblr.optim.directions import create_direction
+from hf_cblr.optim.dtensor_layers import DTensorLayers, check_dtensor_support
 from hf_cblr.optim.estimators import create_curvature_estimator
 from hf_cblr.optim.functional import StepParts, cblr_step
 from hf_cblr.optim.layer_sources import LayerSource, LocalLayers
@@ -124,6 +125,8 @@ class CBLR(Optimizer):
         # The layer sources: under DeepSpeed ZeRO the groups hold flat partitions (this keeps the layers behind them);
         # else the groups' own parameters are the layers.
         self._partitioned = PartitionedLayers(config.partition_layout)
+        #: FSDP2: the groups hold DTensor shards of the layers
+        self.dtensor_layers = DTensorLayers()
         self._local = LocalLayers()
         super().__init__(params, config.group_defaults())
 
@@ -180,6 +183,7 @@ class CBLR(Optimizer):
                 "torch.view_as_real(param), as a real parameter instead"
             )
         group.update(GroupSettings.of_group(group).values_for(group))  # validated; numpy scalars become Python numbers
+        check_dtensor_support(group["params"], self.estimator, type(self).__name__)
         self.estimator.watch(group["params"])
         self._partitioned.record(group, len(self.param_groups) - 1,
                                  [in_mask(group["adaptation_mask"], layer_ndim(param)) for param in group["params"]])
@@ -191,8 +195,8 @@ class CBLR(Optimizer):
         if closure is not None and not self.estimator.needs_closure:
             with torch.enable_grad():
                 loss = closure()
-        sources: tuple[LayerSource, ...] = (self._partitioned, self._local)
-        for source in sources:  # the first that holds the groups' parameters: ZeRO partitions, else the layers
+        sources: tuple[LayerSource, ...] = (self.dtensor_layers, self._partitioned, self._local)
+        for source in sources:  # the first that holds the groups' parameters: DTensor shards, ZeRO partitions, else the layers
             batches = source.batches(
                 self.param_groups, self.state, new_state=self.parts.new_state, schema=self.state_schema,
                 foreach=self.foreach, rates_need_all_layers=self.rates_need_all_layers,

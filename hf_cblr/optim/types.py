@@ -109,6 +109,9 @@ class LayerBatch:
     adapt: Tensor
     ops: TensorListOps
     fragments: list[LayerFragment] | None = None
+    #: On fragments, :attr:`StateKind.ROW` state holds the whole layer's row on every rank (DTensor shards, whose
+    #: checkpoints DCP reshards) instead of the fragment's part of it (ZeRO partitions).
+    whole_layer_rows: bool = False
 
     def __len__(self) -> int:
         return len(self.params)
@@ -208,9 +211,10 @@ class EstimateInput:
 
 def layer_batch(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                  names: list[str], layer_ids: list[int], ndims: list[int], ops: TensorListOps,
-                 fragments: list[LayerFragment] | None = None) -> LayerBatch:
+                 fragments: list[LayerFragment] | None = None, whole_layer_rows: bool = False) -> LayerBatch:
     """The batch of one group's layers: ``params`` are the layers, or under ZeRO their local ``fragments``
-    (:mod:`hf_cblr.optim.partitioned`), whose layers have ``ndims`` dimensions (the masks' default)."""
+    (:mod:`hf_cblr.optim.partitioned`) or DTensor shards (:mod:`hf_cblr.optim.dtensor_layers`), whose layers have
+    ``ndims`` dimensions (the masks' default); ``whole_layer_rows``: see :attr:`LayerBatch.whole_layer_rows`."""
     device = params[0].device
     vector_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     return LayerBatch(
@@ -226,5 +230,6 @@ def layer_batch(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
         adapt=torch.tensor([in_mask(group["adaptation_mask"], n) for n in ndims], device=device),
         ops=ops,
         fragments=fragments,
+        whole_layer_rows=whole_layer_rows,
     )
 

@@ -36,8 +36,9 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
     each); elements whose ``|dw_i|`` is negligible are ignored. Layers of similar sample length are
     computed together: their samples are padded with NaN into one ``[layers, length]`` matrix (lengths
     within a factor 2, so padding at most doubles it), and NaN (padding, or an element that did not
-    move) is left out of the row's mean or median. On ZeRO fragments the sample is the
-    one of the whole layer, and the estimates are those of one process (:meth:`_estimate_on_fragments`).
+    move) is left out of the row's mean or median. On ZeRO fragments and DTensor shards the sample is the
+    one of the whole layer, and the estimates are those of one process (:meth:`_estimate_on_fragments`,
+    :meth:`_estimate_on_shards`).
     """
 
     name = "secant_elementwise"
@@ -51,6 +52,7 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
 
     def estimate(self, inputs: list[EstimateInput], closure: Closure | None, step: int) -> list[Tensor]:
         return [self._estimate(x.batch, x.direction) if x.batch.fragments is None
+                else self._estimate_on_shards(x.batch, x.direction) if x.batch.whole_layer_rows
                 else self._estimate_on_fragments(x.batch, x.direction) for x in inputs]
 
     def _estimate(self, batch: LayerBatch, direction: Direction) -> Tensor:
@@ -109,6 +111,37 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
         for i, state in enumerate(batch.states):
             state["sample_prev_grad"] = batch.grads[i][samples[i].local]
             state["sample_prev_weight"] = batch.weights[i][samples[i].local]
+        return estimate
+
+    def _estimate_on_shards(self, batch: LayerBatch, direction: Direction) -> Tensor:
+        r"""As :meth:`_estimate_on_fragments`, with every rank keeping the whole layer's sample (DTensor shards).
+
+        Each rank writes :math:`g_i`, :math:`w_i` and :math:`P_i` of the sampled positions in its fragment, at their
+        slots in their layer's sample, into one zero vector ``[g of sample 1, w of sample 1, P of sample 1, g of
+        sample 2, ...]`` of all the batch's layers; one all-reduce (sum, each entry ``x + 0 + ... + 0 = x``) gives every
+        rank the whole samples one process sees, and every rank keeps them as the layer's previous sample. The rows
+        are then the same on every rank and do not depend on the world size, so a checkpoint of them can be loaded
+        at another one. Costs :math:`3 \sum_l \min(n_l, \text{sample\_size})` values per step (the fragment path: 2).
+        """
+        estimate = batch.no_estimates()
+        samples = [self._fragment_sample(batch, i) for i in range(len(batch))]
+        offsets = [0]
+        for sample in samples:
+            offsets.append(offsets[-1] + 3 * sample.size)
+        gathered = torch.zeros(offsets[-1], dtype=torch.float32, device=batch.decay.device)
+        for i, ((slots, local, size), offset) in enumerate(zip(samples, offsets[:-1], strict=True)):
+            gathered[offset + slots] = batch.grads[i][local]
+            gathered[offset + size + slots] = batch.weights[i][local]
+            gathered[offset + 2 * size + slots] = direction.preconditioner_at(i, local)
+        batch.ops.all_reduce_sum(gathered)
+        for i, ((_, _, size), offset) in enumerate(zip(samples, offsets[:-1], strict=True)):
+            grad, weight, preconditioner = gathered[offset: offset + 3 * size].split(size)
+            state = batch.states[i]
+            if "sample_prev_grad" in state:
+                estimate[i] = self._secant((grad - state["sample_prev_grad"]).abs_() * preconditioner,
+                                           (weight - state["sample_prev_weight"]).abs_()) + batch.decay[i]
+            state["sample_prev_grad"] = grad.clone()
+            state["sample_prev_weight"] = weight.clone()
         return estimate
 
     def _fragment_sample(self, batch: LayerBatch, index: int) -> FragmentSample:
