@@ -1,7 +1,7 @@
 """hf_cblr: curvature-based layer-wise learning rates for large-batch fine-tuning (arXiv 2012.08795).
 
 The optimizers need only torch; the Hugging Face pieces (``CBLRTrainingArguments``, ``CBLRTrainer``,
-``StructureProbeCallback``) import transformers on first use.
+``StructureProbeCallback``) import transformers on first use, and trl's (``CBLRSFTConfig``, ``CBLRSFTTrainer``) trl.
 """
 
 from importlib import import_module
@@ -23,6 +23,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "CBLRTrainingArguments": "hf_cblr.trainer",
     "CBLRTrainer": "hf_cblr.trainer",
+    "CBLRSFTConfig": "hf_cblr.trainer.trl",
+    "CBLRSFTTrainer": "hf_cblr.trainer.trl",
     "StructureProbeCallback": "hf_cblr.diagnostics",
     "optimizer_cls_and_kwargs": "hf_cblr.integrations",
 }

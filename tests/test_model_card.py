@@ -1,8 +1,13 @@
-"""Model cards: YAML metadata and body from a ModelCardInfo and from a Trainer, and the Hub push, offline."""
+"""Model cards: YAML metadata and body from a ModelCardInfo and from a Trainer (its optimizer, precision, evaluation and
+the arguments of Trainer.create_model_card), and the template shipped in the wheel. The pushes: test_hub_push.py."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +17,7 @@ import yaml
 from huggingface_hub import ModelCard
 from torch import nn
 
+import hf_cblr
 from hf_cblr import create_optimizer
 from hf_cblr.hub import (
     METHOD_URL,
@@ -20,7 +26,6 @@ from hf_cblr.hub import (
     model_card_info_from_trainer,
     optimizer_class_name,
     optimizer_hyperparameters,
-    push_to_hub_with_card,
 )
 
 
@@ -166,35 +171,116 @@ def test_card_from_trainer_reads_the_optimizer_that_trains(tmp_path: Path) -> No
     assert meta["hf_cblr"]["batch_size"]["batch_size_lr_scaling"] == "sqrt"
 
 
-class _FakeTrainer:
-    """What push_to_hub_with_card uses of a Trainer; its push writes a draft card, as Trainer.push_to_hub does."""
+def tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
 
-    def __init__(self, output_dir: Path) -> None:
-        self.args = type("Args", (), {"output_dir": str(output_dir), "hub_token": "token", "hub_revision": None})()
-        self.hub_model_id = "someone/model"
-        self.pushed: list[str] = []
-
-    def push_to_hub(self, commit_message: str) -> None:
-        (Path(self.args.output_dir) / "README.md").write_text("---\nlicense: mit\n---\ndraft card\n")
-        self.pushed.append(commit_message)
-
-    def is_world_process_zero(self) -> bool:
-        return True
+    return BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=37, max_position_embeddings=64))
 
 
-def test_push_replaces_the_trainer_draft_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pushed_cards: list[tuple[str, str, dict[str, Any]]] = []
+def tiny_trainer(tmp_path: Path, model: nn.Module | None = None, **kwargs: Any) -> Any:
+    from hf_cblr.trainer import CBLRTrainer, CBLRTrainingArguments
 
-    def record(card: ModelCard, repo_id: str, **kwargs: Any) -> str:
-        pushed_cards.append((str(card), repo_id, kwargs))
-        return f"https://huggingface.co/{repo_id}/commit/1"
+    args = CBLRTrainingArguments(output_dir=str(tmp_path), optim="mclr_adam", learning_rate=1e-3, use_cpu=True,
+                                 report_to="none")
+    return CBLRTrainer(model=model if model is not None else tiny_bert(), args=args, **kwargs)
 
-    monkeypatch.setattr(ModelCard, "push_to_hub", record)
-    trainer = _FakeTrainer(tmp_path)
-    card = create_model_card(card_info())
-    url = push_to_hub_with_card(trainer, card)  # type: ignore[arg-type]
-    assert trainer.pushed == ["End of training"]
-    assert url == "https://huggingface.co/someone/model/commit/1"
-    ((text, repo_id, kwargs),) = pushed_cards
-    assert text == str(card) and repo_id == "someone/model" and kwargs["token"] == "token"
-    assert (tmp_path / "README.md").read_text() == str(card)
+
+def test_card_precision_is_what_the_run_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`accelerate launch` with `mixed_precision: bf16` sets ACCELERATE_MIXED_PRECISION, not args.bf16; a model loaded
+    in bf16 trains in bf16 without any flag."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    trainer = tiny_trainer(tmp_path)
+    assert not trainer.args.bf16 and trainer.accelerator.mixed_precision == "bf16"
+    trainer.create_optimizer()
+    info = model_card_info_from_trainer(trainer, model_name="tiny", dataset_label="tiny", metrics={})
+    assert info.training["precision"] == "bf16 mixed precision, fp32 weights"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    trainer = tiny_trainer(tmp_path, model=tiny_bert().to(torch.bfloat16))
+    trainer.create_optimizer()
+    info = model_card_info_from_trainer(trainer, model_name="tiny", dataset_label="tiny", metrics={})
+    assert info.training["precision"] == "bf16"
+    assert "| `precision` | bf16 |" in str(create_model_card(info))
+
+
+def test_card_from_the_arguments_of_trainer_create_model_card(tmp_path: Path) -> None:
+    """What CBLRTrainer.create_model_card writes: transformers' arguments mapped onto the card, the rest read from the
+    trainer (the latest evaluation, the base model's source, the dataset's builder and evaluated split)."""
+    from datasets import Dataset
+
+    from hf_cblr.hub import trainer_model_card_info
+
+    rows = {"input_ids": [[1, 5, 6, 2]] * 8, "attention_mask": [[1, 1, 1, 1]] * 8, "labels": [0, 1] * 4}
+    model = tiny_bert()
+    model.save_pretrained(tmp_path / "base")
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "base")
+    trainer = tiny_trainer(tmp_path / "out", model=model, train_dataset=Dataset.from_dict(rows),
+                           eval_dataset=Dataset.from_dict(rows, split="dev"))
+    trainer.state.log_history = [{"loss": 0.7, "step": 1}, {"eval_loss": 0.9, "step": 1}, {"eval_loss": 0.6,
+                                 "eval_accuracy": 0.75, "eval_runtime": 0.1, "step": 2}, {"train_runtime": 3.0}]
+    info = trainer_model_card_info(trainer)
+    assert info.model_name == "out" and info.base_model is None and info.base_model_source == str(tmp_path / "base")
+    assert info.metrics == {"loss": 0.6, "accuracy": 0.75} and info.eval_split == "dev"
+    assert info.optimizer_class == "not created yet (the trainer has not trained)"
+    info = trainer_model_card_info(trainer, language="en", license="mit", tags="sentiment", model_name="tiny-sst2",
+                                   finetuned_from="someone/base", tasks="text-classification", dataset_tags="glue",
+                                   dataset="GLUE SST-2", dataset_args="sst2")
+    assert (info.model_name, info.language, info.license, info.base_model) == ("tiny-sst2", "en", "mit", "someone/base")
+    assert (info.dataset_label, info.dataset_hub_id, info.dataset_config, info.dataset_type) == ("GLUE SST-2", "glue",
+                                                                                                  "sst2", "glue")
+    assert info.extra_tags == ["sentiment"]
+    meta = front_matter(str(create_model_card(info)))
+    assert meta["datasets"] == ["glue"] and meta["base_model"] == "someone/base" and "sentiment" in meta["tags"]
+
+
+def test_template_ships_in_the_package() -> None:
+    from hf_cblr.hub import default_template
+
+    assert "{{ card_data }}" in default_template()
+    assert str(create_model_card(card_info())) == str(create_model_card(card_info(), template_path=Path(
+        hf_cblr.__file__).parent / "hub" / "template.md"))
+
+
+@pytest.mark.slow
+def test_card_from_an_installed_wheel(tmp_path: Path) -> None:
+    """A wheel of the package, installed (no dependencies, no source tree on the path) into a fresh virtual environment
+    that sees this one's packages, writes a card."""
+    source = Path(hf_cblr.__file__).resolve().parents[1]
+    tree = tmp_path / "source"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        (tree / name).write_bytes((source / name).read_bytes())
+    subprocess.run(["cp", "-r", str(source / "hf_cblr"), str(tree / "hf_cblr")], check=True)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheels"), str(tree)],
+                   check=True, cwd=tmp_path)
+    (wheel,) = (tmp_path / "wheels").glob("hf_cblr-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    # This environment's packages (torch, transformers, pip) after the fresh one's; its .pth files (the editable
+    # install of hf_cblr) are not processed from there.
+    current_site = next(path for path in sys.path if path.endswith("site-packages") and Path(path).is_dir())
+    (Path(site) / "dependencies.pth").write_text(current_site + "\n")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-deps", "--no-index",
+                    str(wheel)], check=True, env=env, cwd=tmp_path)
+    script = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        import hf_cblr.hub
+        from hf_cblr.hub import ModelCardInfo, create_model_card
+        assert Path(hf_cblr.hub.__file__).is_relative_to(Path(sys.prefix)), hf_cblr.hub.__file__
+        info = ModelCardInfo(model_name="wheel-model", dataset_label="tiny", optimizer_name="lamb",
+                             optimizer_class="hf_cblr.optim.lamb.LAMB", optimizer_hyperparameters={"lr": 0.001},
+                             metrics={"accuracy": 0.5})
+        create_model_card(info).save("README.md")
+    """)
+    result = subprocess.run([str(python), "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = (tmp_path / "README.md").read_text()
+    assert front_matter(card)["hf_cblr"]["optimizer"] == "lamb" and "# wheel-model" in card

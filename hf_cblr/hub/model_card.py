@@ -1,24 +1,27 @@
 """Model cards for models fine-tuned with this package's optimizers and Trainer.
 
-:func:`create_model_card` renders ``model_cards/template.md`` (Jinja2, through
-``huggingface_hub.ModelCard.from_template``) from a :class:`ModelCardInfo`. The YAML metadata holds
-the Hub's fields (``base_model``, ``datasets``, ``metrics``, ``model-index`` with the metric values,
-``tags``, ``library_name``, ``license``, ``pipeline_tag``) and an ``hf_cblr`` block with the
-optimizer, its hyperparameters, the batch-size schedule, the drop schedule and the link to the
+:func:`create_model_card` renders the template ``hf_cblr/hub/template.md`` (package data, read with
+:mod:`importlib.resources`; Jinja2, through ``huggingface_hub.ModelCard.from_template``) from a
+:class:`ModelCardInfo`. The YAML metadata holds the Hub's fields (``base_model``, ``datasets``, ``metrics``,
+``model-index`` with the metric values, ``tags``, ``library_name``, ``license``, ``pipeline_tag``) and an
+``hf_cblr`` block with the optimizer, its hyperparameters, the batch-size schedule, the drop schedule and the link to the
 method; the body repeats them as tables with the training arguments. :func:`model_card_info_from_trainer`
 reads all of it from a finished :class:`~transformers.Trainer` (the optimizer that actually trained,
-unwrapped from Accelerate/DeepSpeed), so the card cannot drift from the run.
+unwrapped from Accelerate/DeepSpeed; the precision its accelerator and model ran in; its evaluation
+results), so the card cannot drift from the run.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.resources
 import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from hf_cblr.integrations.transformers import innermost_optimizer
@@ -32,8 +35,8 @@ if TYPE_CHECKING:
 METHOD_URL = "https://arxiv.org/abs/2012.08795"
 #: This package.
 PACKAGE_URL = "https://pypi.org/project/hf-cblr/"
-#: The template in the source tree (``model_cards/template.md``); pass ``template_path`` to use another.
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "template.md"
+#: The card template, package data of :mod:`hf_cblr.hub`; pass ``template_path`` to use another.
+TEMPLATE_RESOURCE = "template.md"
 
 #: Evaluation entries that describe the run, not the model; left out of the card's results.
 _NON_METRICS = ("runtime", "samples", "samples_per_second", "steps_per_second", "epoch")
@@ -142,9 +145,24 @@ def drop_settings(args: TrainingArguments) -> dict[str, Any]:
     }
 
 
-def training_settings(args: TrainingArguments) -> dict[str, Any]:
-    """The training arguments a reader needs to reproduce the run."""
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def run_precision(trainer: Trainer) -> str:
+    """The precision the run computed in, from what it used rather than from the ``bf16``/``fp16`` flags (which
+    ``accelerate launch --mixed_precision`` or a DeepSpeed config bypass): the accelerator's mixed precision
+    (``bf16``, ``fp16``, ``fp8``: autocast over the weights) with the dtype of the model's floating-point weights,
+    e.g. ``"bf16 mixed precision, fp32 weights"``; without mixed precision, the weights' dtype alone (``"fp32"``;
+    ``"bf16"`` for a model loaded in bf16)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    dtypes = {parameter.dtype for parameter in model.parameters() if parameter.is_floating_point()}
+    weights = ", ".join(sorted(_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")) for dtype in dtypes)) or "fp32"
+    mixed = str(trainer.accelerator.mixed_precision)
+    return weights if mixed == "no" else f"{mixed} mixed precision, {weights} weights"
+
+
+def training_settings(args: TrainingArguments, precision: str) -> dict[str, Any]:
+    """The training arguments a reader needs to reproduce the run; ``precision`` as :func:`run_precision` reads it."""
     values: dict[str, Any] = {
         "optim": _plain(args.optim),
         "optim_args": args.optim_args,
@@ -163,16 +181,29 @@ def training_settings(args: TrainingArguments) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def model_card_info_from_trainer(trainer: Trainer, *, model_name: str, dataset_label: str, metrics: dict[str, float],
-                                 **fields: Any) -> ModelCardInfo:
-    """A :class:`ModelCardInfo` from a trained ``trainer``: its optimizer (the one that actually
-    stepped) and arguments; ``metrics`` as returned by ``trainer.evaluate()`` (``eval_`` prefixes and
-    run statistics are dropped); ``fields`` set the other :class:`ModelCardInfo` fields."""
-    if trainer.optimizer is None:
-        raise ValueError("the trainer has no optimizer yet: create the card after training (or trainer.create_optimizer())")
+def latest_evaluation(trainer: Trainer) -> dict[str, float]:
+    """The ``eval_*`` metrics of the trainer's latest evaluation (its last such entry of ``state.log_history``); empty
+    when it has not evaluated."""
+    for entry in reversed(trainer.state.log_history):
+        metrics = {key: value for key, value in entry.items() if key.startswith("eval_")}
+        if metrics:
+            return metrics
+    return {}
+
+
+def model_card_info_from_trainer(trainer: Trainer, *, model_name: str, dataset_label: str,
+                                 metrics: dict[str, float] | None = None, **fields: Any) -> ModelCardInfo:
+    """A :class:`ModelCardInfo` from ``trainer``: its optimizer (the one that actually stepped; before training, the
+    one its arguments configure), arguments and precision (:func:`run_precision`); ``metrics`` as returned by
+    ``trainer.evaluate()`` (``eval_`` prefixes and run statistics are dropped; default: :func:`latest_evaluation`);
+    ``fields`` set the other :class:`ModelCardInfo` fields."""
     args = trainer.args
+    if trainer.optimizer is not None:
+        optimizer_class, hyperparameters = optimizer_class_name(trainer.optimizer), optimizer_hyperparameters(trainer.optimizer)
+    else:
+        optimizer_class, hyperparameters = "not created yet (the trainer has not trained)", {"lr": args.learning_rate}
     results = {}
-    for key, value in metrics.items():
+    for key, value in (latest_evaluation(trainer) if metrics is None else metrics).items():
         name = key.removeprefix("eval_")
         if name not in _NON_METRICS and isinstance(value, (int, float)):
             results[name] = float(value)
@@ -180,28 +211,35 @@ def model_card_info_from_trainer(trainer: Trainer, *, model_name: str, dataset_l
         model_name=model_name,
         dataset_label=dataset_label,
         optimizer_name=_plain(getattr(trainer, "optimizer_name", args.optim)),
-        optimizer_class=optimizer_class_name(trainer.optimizer),
-        optimizer_hyperparameters=optimizer_hyperparameters(trainer.optimizer),
+        optimizer_class=optimizer_class,
+        optimizer_hyperparameters=hyperparameters,
         metrics=results,
         batch_size=batch_size_settings(args),
         drop=drop_settings(args),
-        training=training_settings(args),
+        training=training_settings(args, run_precision(trainer)),
         repo_id=fields.pop("repo_id", None) or args.hub_model_id,
         **fields,
     )
 
 
 # -- rendering -------------------------------------------------------------------------------
-def create_model_card(info: ModelCardInfo, template_path: str | Path = DEFAULT_TEMPLATE) -> ModelCard:
-    """Render the card of ``info`` from ``template_path`` (a Jinja2 template; see ``model_cards/template.md``)."""
+def default_template() -> str:
+    """The text of the card template that ships in the package (``hf_cblr/hub/template.md``)."""
+    return importlib.resources.files("hf_cblr.hub").joinpath(TEMPLATE_RESOURCE).read_text(encoding="utf-8")
+
+
+def create_model_card(info: ModelCardInfo, template_path: str | Path | None = None) -> ModelCard:
+    """Render the card of ``info`` from the Jinja2 template at ``template_path`` (default: the packaged
+    ``hf_cblr/hub/template.md``, :func:`default_template`)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    template_path = Path(template_path)
-    if not template_path.is_file():
-        raise FileNotFoundError(
-            f"model card template {template_path} not found; it ships in the source tree as model_cards/template.md "
-            "(pass template_path= to use another)"
-        )
+    if template_path is None:
+        template = default_template()
+    elif Path(template_path).is_file():
+        template = Path(template_path).read_text(encoding="utf-8")
+    else:
+        raise FileNotFoundError(f"model card template {template_path} not found (template_path: a Jinja2 file, or None "
+                                "for the packaged hf_cblr/hub/template.md)")
     metric_ids = [name for name in info.metrics if name != "loss"]
     dataset_type = info.dataset_type or info.dataset_hub_id or "local"
     eval_results = [
@@ -235,10 +273,11 @@ def create_model_card(info: ModelCardInfo, template_path: str | Path = DEFAULT_T
     )
     return ModelCard.from_template(
         card_data,
-        template_path=str(template_path),
+        template_str=template,
         model_name=info.model_name,
         base_model=info.base_model,
         base_model_source=info.base_model_source,
+        task=info.task,
         task_name=info.task.replace("-", " "),
         dataset_label=info.dataset_label,
         dataset_hub_id=info.dataset_hub_id,

@@ -49,7 +49,11 @@ members, where no public hook exists, is commented at each place: ``_remove_unus
 ``_get_collator_with_removed_columns`` (the stock column filtering, for our dataloader), ``_train_batch_size``
 (the per-device micro-batch the loop uses), ``_loss_shifts_labels`` (whether the model's loss shifts labels, for
 per-sample losses) and the rule by which ``training_step`` divides the loss by the accumulation steps
-(:meth:`CBLRTrainer._gradient_accumulation_divisor`).
+(:meth:`CBLRMixin._gradient_accumulation_divisor`).
+
+The hooks live in :class:`CBLRMixin`, so that other ``Trainer`` subclasses get them too: ``CBLRTrainer`` is
+``CBLRMixin`` over ``Trainer``, and :class:`~hf_cblr.trainer.trl.CBLRSFTTrainer` the same mixin over trl's
+``SFTTrainer``.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import seed_worker
 from transformers.utils import is_datasets_available
 
+from hf_cblr.hub import ModelCardCallback, save_trainer_model_card
 from hf_cblr.integrations.deepspeed import take_trainer_optimizer_section
 from hf_cblr.integrations.transformers import OptimizerCheckCallback, find_optimizer, prepare_deepspeed_config
 from hf_cblr.optim.cblr import CBLR
@@ -85,8 +90,12 @@ if is_datasets_available():
     import datasets
 
 
-class CBLRTrainer(Trainer):
-    """``transformers.Trainer`` for :class:`CBLRTrainingArguments` (see the module docstring).
+class CBLRMixin:
+    """The hf_cblr hooks of a ``transformers.Trainer`` subclass, for :class:`CBLRTrainingArguments` (see the module
+    docstring): put it first among the bases, ``class T(CBLRMixin, SomeTrainer)``, so that its hooks wrap the
+    trainer's own (:class:`CBLRTrainer` over ``Trainer``, :class:`~hf_cblr.trainer.trl.CBLRSFTTrainer` over trl's
+    ``SFTTrainer``). Each hook calls ``super()``, so the trainer's own ``compute_loss`` computes the loss where no
+    sample is dropped.
 
     Overridden hooks: ``create_optimizer``, ``create_scheduler`` (client optimizer/scheduler kept under
     DeepSpeed; batch-size LR scaling), ``get_train_dataloader`` and ``set_initial_training_values``
@@ -100,7 +109,7 @@ class CBLRTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, CBLRTrainingArguments):
-            raise TypeError(f"CBLRTrainer needs CBLRTrainingArguments, got {type(self.args).__name__}")
+            raise TypeError(f"{type(self).__name__} needs CBLRTrainingArguments, got {type(self.args).__name__}")
         self._client_optimizer, self._client_lr_scheduler = self.optimizer, self.lr_scheduler
         #: (registry name, kwargs) of the DeepSpeed config's hf_cblr "optimizer" section, taken out of the config
         self._config_optimizer = take_trainer_optimizer_section(
@@ -125,6 +134,7 @@ class CBLRTrainer(Trainer):
             # Our compute_loss returns the loss normalized over the whole step (hf_cblr.trainer.dropping).
             self.loss_is_scaled_for_ga = True
         self.add_callback(RunSettingsCallback())
+        self.add_callback(ModelCardCallback(self))  # the hf_cblr card in hub_strategy checkpoint pushes
         if self._expects_hf_cblr_optimizer():
             self.add_callback(OptimizerCheckCallback())
             if self.is_deepspeed_enabled:
@@ -265,7 +275,8 @@ class CBLRTrainer(Trainer):
         return loss
 
     def trainer_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
-        """``transformers.Trainer``'s own ``compute_loss`` (without dropping or recording), for the closure's replays."""
+        """The trainer's own ``compute_loss`` (the base after the mixin; without dropping or recording), for the
+        closure's replays."""
         return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
 
     def per_sample_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
@@ -273,14 +284,19 @@ class CBLRTrainer(Trainer):
 
         The default reads ``logits`` from the outputs and ``labels`` from the inputs, and follows the
         model's ``config.problem_type`` and causal-LM label shift (see
-        :func:`~hf_cblr.trainer.sample_selection.per_sample_loss`).
+        :func:`~hf_cblr.trainer.sample_selection.per_sample_loss`): a causal LM's sample loss is the mean
+        token loss over its labels other than -100 (the collators' padding label), each label predicted
+        from the position before it, so a sample's loss is the model's own loss on that sample alone. Labels the
+        collator already shifted (a ``shift_labels`` input) are read as they are.
         """
         if "labels" not in inputs:
-            raise ValueError("drop_fraction needs per-sample losses: the batch has no 'labels'; override "
-                             "CBLRTrainer.per_sample_loss for this model")
+            raise ValueError(f"drop_fraction needs per-sample losses: the batch has no 'labels'; override "
+                             f"{type(self).__name__}.per_sample_loss for this model")
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[1]
         config = getattr(self.accelerator.unwrap_model(model), "config", None)
+        if "shift_labels" in inputs:  # labels already shifted by the collator, as the model's loss then reads them
+            return per_sample_loss(logits, inputs["shift_labels"], problem_type=getattr(config, "problem_type", None))
         # _loss_shifts_labels (private): whether the model's own loss shifts the labels (causal LMs).
         return per_sample_loss(logits, inputs["labels"], problem_type=getattr(config, "problem_type", None),
                                shift_labels=bool(getattr(self, "_loss_shifts_labels", False)))
@@ -301,3 +317,21 @@ class CBLRTrainer(Trainer):
         else:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
         return 1 if scaled else self.current_gradient_accumulation_steps
+
+    def create_model_card(self, language: str | None = None, license: str | None = None,
+                          tags: str | list[str] | None = None, model_name: str | None = None,
+                          finetuned_from: str | None = None, tasks: str | list[str] | None = None,
+                          dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
+                          dataset_args: str | list[str] | None = None) -> None:
+        """Write the hf_cblr model card (:func:`~hf_cblr.hub.save_trainer_model_card`: the optimizer that trained,
+        its hyperparameters, the batch-size and drop schedules, the precision the run used, the latest evaluation)
+        as the output folder's ``README.md``, in place of transformers' draft, so that ``push_to_hub`` uploads it with
+        the model in one commit. The arguments are ``Trainer.create_model_card``'s."""
+        save_trainer_model_card(self, language=language, license=license, tags=tags, model_name=model_name,
+                                finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags, dataset=dataset,
+                                dataset_args=dataset_args)
+
+
+class CBLRTrainer(CBLRMixin, Trainer):
+    """``transformers.Trainer`` with the hf_cblr optimizers, batch-size ramping, small-loss dropping and the curvature
+    closure, for :class:`CBLRTrainingArguments`: the hooks of :class:`CBLRMixin` (see the module docstring)."""
