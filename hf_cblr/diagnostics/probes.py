@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from hf_cblr.integrations.transformers import find_optimizer
+from hf_cblr.diagnostics.layer_stats import optimizer_layer_stats
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class StructureProbeCallback(TrainerCallback):
                          grad_dot_update=grad_dot_update)
             if update_norm:  # None or 0 when the step was skipped
                 total["curvature"] = 2.0 * (loss_change - grad_dot_update) / update_norm**2
-        for name, stats in _optimizer_layer_stats(optimizer, model).items():
+        for name, stats in optimizer_layer_stats(optimizer, model).items():
             layers.setdefault(name, {}).update(stats)
         batch_size = (self.global_batch_size(state) if self.global_batch_size is not None
                       else args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
@@ -360,29 +360,6 @@ def _steps_inside_backward(optimizer: Any) -> bool:
     from accelerate.utils import DeepSpeedOptimizerWrapper
 
     return isinstance(optimizer, DeepSpeedOptimizerWrapper)
-
-
-def _optimizer_layer_stats(optimizer: Optimizer | None, model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per layer ``curvature``, ``rate`` and ``lr = group lr * rate`` from one of this package's optimizers.
-
-    The optimizer names its layers by the group's ``param_names`` or ``group{i}.{j}``; they are renamed
-    to the model's parameter names where the parameter belongs to ``model``.
-    """
-    inner = find_optimizer(optimizer)
-    if inner is None:
-        return {}
-    stats = inner.layer_stats()
-    model_names = {id(param): name for name, param in model.named_parameters()}
-    layers = {}
-    for group in inner.param_groups:
-        params = inner.layers_of(group)  # under DeepSpeed ZeRO the group holds a flat partition instead
-        for key, param in zip(inner.layer_names_of(group), params, strict=True):
-            if key in stats:
-                layer = stats[key]
-                layers[model_names.get(id(param), key)] = {
-                    "curvature": layer["curvature"], "rate": layer["rate"], "lr": float(group["lr"]) * layer["rate"],
-                }
-    return layers
 
 
 def _scalars(record: Mapping[str, Any], per_layer: bool) -> dict[str, float]:
