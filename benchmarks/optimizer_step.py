@@ -15,7 +15,14 @@ optimizer's allocations (page faults on the CPU) from changing the other's time.
 step the same parameters, with an lr small enough that they barely move (a step's cost does not
 depend on the values). The table gives the median, the interquartile range,
 and the ratio of the median to the median of the AdamW steps alternated with it. Fused AdamW is
-timed wherever torch has the kernel (CUDA, and CPU in recent torch).
+timed wherever torch has the kernel (CUDA, and CPU in recent torch), and every row's median is also given as a
+ratio to its median (not alternated: read it with the row's own AdamW-foreach ratio). Our optimizers are
+timed on their foreach kernels, on the fused kernels (``fused=True``, rows ``(fused)``; the first step compiles,
+its time is the ``first step`` column) and, unless ``--no-reference-paths``, on the single-tensor loop.
+
+Peak extra memory: after the timed steps, one more step of each optimizer with the peak resident set size reset
+before it (``/proc/self/clear_refs``; on CUDA the allocator's peak): the most memory the step held beyond what
+the process held before it (full-size temporaries; 0 for a step that allocates nothing new).
 
 Byte floor: an AdamW step must at least read ``p, g, m, v`` and write ``p, m, v``, that is
 ``7 * s * N`` bytes for ``N`` values of ``s`` bytes each (``s = 4`` in fp32; torch keeps AdamW's
@@ -29,6 +36,7 @@ Usage::
     python benchmarks/optimizer_step.py                      # full size, CPU, fp32
     python benchmarks/optimizer_step.py --scale 0.1 --repeats 5 --warmup 2   # quick check
     python benchmarks/optimizer_step.py --device cuda --dtype bf16 --json out.json
+    python benchmarks/optimizer_step.py --threads 1 --no-reference-paths --json cpu_1thread.json   # fused vs AdamW fused
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ import hf_cblr
 HIDDEN, INTERMEDIATE, VOCAB, POSITIONS, TOKEN_TYPES, LAYERS, LABELS = 768, 3072, 30522, 512, 2, 12, 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REFERENCE = "torch AdamW foreach"
+FUSED_ADAMW = "torch AdamW fused"
 
 
 def bert_base_shapes(scale: float = 1.0) -> list[tuple[str, tuple[int, ...]]]:
@@ -139,6 +148,11 @@ class Result:
     #: Median of the AdamW-foreach steps alternated with this optimizer's, and the ratio to it.
     reference_ms: float = math.nan
     ratio: float = math.nan
+    #: The median over the median of the torch AdamW fused steps of the same run (not alternated).
+    ratio_to_fused_adamw: float = math.nan
+    #: The first step (a fused optimizer's compile), and the peak memory of one step beyond what was held before it.
+    first_step_ms: float = math.nan
+    peak_extra_mb: float = math.nan
 
 
 def torch_groups(named: list[tuple[str, Tensor]], weight_decay: float) -> list[dict[str, Any]]:
@@ -159,12 +173,14 @@ def our_groups(named: list[tuple[str, Tensor]], weight_decay: float) -> list[dic
     ]
 
 
-def optimizer_factories(reference_paths: bool) -> dict[str, Callable[[list[tuple[str, Tensor]]], Optimizer]]:
-    """Name -> builder from named parameters. lr is small: the weights barely move over the run."""
+def optimizer_factories(reference_paths: bool,
+                        fused_paths: bool = True) -> dict[str, Callable[[list[tuple[str, Tensor]]], Optimizer]]:
+    """Name -> builder from named parameters. lr is small: the weights barely move over the run. Ours on the foreach
+    kernels, on the fused ones (``fused_paths``) and on the single-tensor loop (``reference_paths``)."""
     wd, lr = 0.01, 1e-5
     factories: dict[str, Callable[[list[tuple[str, Tensor]]], Optimizer]] = {
         REFERENCE: lambda named: torch.optim.AdamW(torch_groups(named, wd), lr=lr, foreach=True),
-        "torch AdamW fused": lambda named: torch.optim.AdamW(torch_groups(named, wd), lr=lr, fused=True),
+        FUSED_ADAMW: lambda named: torch.optim.AdamW(torch_groups(named, wd), lr=lr, fused=True),
         "torch SGD momentum foreach": lambda named: torch.optim.SGD(torch_groups(named, wd), lr=lr, momentum=0.9, foreach=True),
         "timm-style LARS loop": lambda named: TimmStyleLars(torch_groups(named, wd), lr=lr, weight_decay=wd),
     }
@@ -178,12 +194,13 @@ def optimizer_factories(reference_paths: bool) -> dict[str, Callable[[list[tuple
         "mclr_adam": ("mclr_adam", {}),
         "lamb": ("lamb", {}),
     }
-    paths = [True, False] if reference_paths else [True]
-    for foreach in paths:
+    paths: list[tuple[str, dict[str, Any]]] = [("", {"foreach": True})]
+    paths += [(" (fused)", {"fused": True})] if fused_paths else []
+    paths += [(" (foreach=False)", {"foreach": False})] if reference_paths else []
+    for suffix, path in paths:
         for label, (name, kwargs) in ours.items():
-            key = label if foreach else f"{label} (foreach=False)"
-            factories[key] = (lambda named, name=name, kwargs=kwargs, foreach=foreach: hf_cblr.create_optimizer(
-                our_groups(named, wd), name, lr=lr, foreach=foreach, **kwargs))
+            factories[label + suffix] = (lambda named, name=name, kwargs=kwargs, path=path: hf_cblr.create_optimizer(
+                our_groups(named, wd), name, lr=lr, **path, **kwargs))
     return factories
 
 
@@ -202,16 +219,18 @@ def timed_step(optimizer: Optimizer, device: torch.device) -> float:
 
 
 def time_paired(candidate: Optimizer, reference: Optimizer, device: torch.device, warmup: int,
-                repeats: int, block: int) -> tuple[list[float], list[float]]:
+                repeats: int, block: int) -> tuple[list[float], list[float], float]:
     """Step times of ``candidate`` and of ``reference``, alternating, after ``warmup`` candidate steps.
 
     Alternating exposes both to the same background load, so their ratio holds on a busy machine.
     Both step the same parameters; the step cost does not depend on their values. Each turn is ``block``
     consecutive steps of which the last is timed: on the CPU a step that allocates full-size tensors
     costs more or less depending on what the other optimizer left in the allocator (page faults), and the
-    untimed steps let each settle into its own steady state.
+    untimed steps let each settle into its own steady state. Also returns the time of the candidate's first step
+    (its state allocation; on the fused kernels, their compile).
     """
-    for _ in range(warmup):
+    first_step = timed_step(candidate, device)
+    for _ in range(warmup - 1):
         candidate.step()
     candidate_times, reference_times = [], []
     for _ in range(repeats):
@@ -219,7 +238,35 @@ def time_paired(candidate: Optimizer, reference: Optimizer, device: torch.device
             for _ in range(block - 1):
                 optimizer.step()
             times.append(timed_step(optimizer, device))
-    return candidate_times, reference_times
+    return candidate_times, reference_times, first_step
+
+
+def _resident_bytes(field: str) -> int:
+    """``VmRSS`` or ``VmHWM`` (peak) of this process, in bytes (Linux)."""
+    with open("/proc/self/status") as status:
+        return 1024 * int(next(line.split()[1] for line in status if line.startswith(field + ":")))
+
+
+def peak_extra_bytes(optimizer: Optimizer, device: torch.device) -> float:
+    """The most memory one ``optimizer.step()`` holds beyond what was held before it: on CUDA from the allocator's
+    peak; on the CPU from the peak resident set size, reset before the step (``/proc/self/clear_refs``; NaN where
+    that is not available)."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        optimizer.step()
+        synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    try:
+        gc.collect()
+        before = _resident_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current resident set size
+        optimizer.step()
+        return float(max(0, _resident_bytes("VmHWM") - before))
+    except OSError:
+        return math.nan
 
 
 def summarize(name: str, seconds: list[float]) -> Result:
@@ -262,10 +309,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the model's sizes (1: BERT-base)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer (the first one timed apart)")
     parser.add_argument("--repeats", type=int, help="timed steps per optimizer (default: 7 on CPU, 100 on GPU)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="optimizers to run (default: all)")
     parser.add_argument("--no-reference-paths", action="store_true", help="skip our optimizers with foreach=False")
+    parser.add_argument("--no-fused", action="store_true", help="skip our optimizers with fused=True")
     parser.add_argument("--block", type=int, default=2,
                         help="consecutive steps per turn of the alternation, the last one timed (default 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -273,8 +321,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--json", metavar="OUT", help="save the setup and the results as JSON")
     args = parser.parse_args(argv)
     repeats = args.repeats or (100 if args.device == "cuda" else 7)
-    if repeats < 1 or args.warmup < 0 or args.block < 1:
-        parser.error("--repeats and --block must be >= 1 and --warmup >= 0")
+    if repeats < 1 or args.warmup < 1 or args.block < 1:
+        parser.error("--repeats, --warmup and --block must be >= 1")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -291,7 +339,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(f"parameters: {numel:,} values in {len(named)} tensors, {args.dtype} on {device}; "
           f"warmup {args.warmup}, repeats {repeats}, turns of {args.block} steps")
 
-    factories = optimizer_factories(reference_paths=not args.no_reference_paths)
+    factories = optimizer_factories(reference_paths=not args.no_reference_paths, fused_paths=not args.no_fused)
     unknown = sorted(set(args.only or []) - set(factories))
     if unknown:
         parser.error(f"unknown optimizer(s) {unknown}; valid: {list(factories)}")
@@ -304,7 +352,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     for name in [n for n in args.only or factories if n != REFERENCE]:
         try:
             candidate = factories[name](named)
-            candidate_times, reference_times = time_paired(candidate, reference, device, args.warmup, repeats, args.block)
+            candidate_times, reference_times, first_step = time_paired(candidate, reference, device, args.warmup, repeats,
+                                                                       args.block)
+            peak_extra = peak_extra_bytes(candidate, device)
         except RuntimeError as error:  # e.g. fused AdamW without a kernel for this device and dtype
             print(f"  {name}: skipped ({str(error).splitlines()[0]})")
             continue
@@ -312,6 +362,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             candidate = None
             gc.collect()
         result = summarize(name, candidate_times)
+        result.first_step_ms, result.peak_extra_mb = 1e3 * first_step, peak_extra / 1e6
         result.reference_ms = 1e3 * statistics.median(reference_times)
         result.ratio = result.median_ms / result.reference_ms
         results[name] = result
@@ -322,17 +373,25 @@ def main(argv: list[str] | None = None) -> list[Result]:
     reference_result = summarize(REFERENCE, all_reference_times)
     reference_result.reference_ms, reference_result.ratio = reference_result.median_ms, 1.0
     results = {REFERENCE: reference_result, **results}
+    if FUSED_ADAMW in results:
+        for result in results.values():
+            result.ratio_to_fused_adamw = result.median_ms / results[FUSED_ADAMW].median_ms
 
     bandwidth = add_bandwidth(device)
     element_bytes = torch.empty((), dtype=dtype).element_size()
     floor_ms = 1e3 * 7 * element_bytes * numel / bandwidth
 
     width = max(len(name) for name in results)
-    print(f"\n{'optimizer':<{width}}  {'median ms':>10}  {'IQR ms':>8}  {'x AdamW-foreach':>15}")
-    for result in results.values():
-        print(f"{result.name:<{width}}  {result.median_ms:>10.1f}  {result.iqr_ms:>8.1f}  {result.ratio:>15.2f}")
-    print(f"{'byte floor (AdamW)':<{width}}  {floor_ms:>10.1f}  {'':>8}  {floor_ms / reference_result.median_ms:>15.2f}")
-    print(f"ratios: median step / median of the AdamW-foreach steps alternated with it. AdamW-foreach row: all its steps.\n"
+    print(f"\n{'optimizer':<{width}}  {'median ms':>10}  {'IQR ms':>8}  {'x AdamW-foreach':>15}  {'x AdamW-fused':>13}"
+          f"  {'first step ms':>13}  {'peak extra MB':>13}")
+    for r in results.values():
+        print(f"{r.name:<{width}}  {r.median_ms:>10.1f}  {r.iqr_ms:>8.1f}  {r.ratio:>15.2f}  {r.ratio_to_fused_adamw:>13.2f}"
+              f"  {r.first_step_ms:>13.1f}  {r.peak_extra_mb:>13.1f}")
+    fused_ms = results[FUSED_ADAMW].median_ms if FUSED_ADAMW in results else math.nan
+    print(f"{'byte floor (AdamW)':<{width}}  {floor_ms:>10.1f}  {'':>8}  {floor_ms / reference_result.median_ms:>15.2f}"
+          f"  {floor_ms / fused_ms:>13.2f}")
+    print(f"ratios: median step / median of the AdamW-foreach steps alternated with it (AdamW-foreach row: all its steps);\n"
+          f"median step / median of the AdamW-fused steps (its row, not alternated).\n"
           f"byte floor = 7 x {element_bytes} B x {numel:,} values / {bandwidth / 1e9:.1f} GB/s "
           "(bandwidth: 3 x 256 MiB / fastest in-place add x += y)")
 

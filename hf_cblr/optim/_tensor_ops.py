@@ -1,19 +1,38 @@
-"""Tensor-list kernels behind the optimizers: one multi-tensor (foreach) path, one single-tensor path.
+r"""Tensor-list kernels behind the optimizers: one multi-tensor (foreach) path, one single-tensor path, one fused path.
 
 Every optimizer step in this package is written once, against :class:`TensorListOps`. The two
 implementations compute the same arithmetic (to rounding: off the CPU the foreach ``divide_into_`` and
 ``addcdiv_into_`` multiply by a reciprocal; the tests hold the paths to 1e-6 relative); the foreach one
 launches one kernel per operation for the whole list (``torch._foreach_*``), the single-tensor one
-loops over tensors in Python and is the readable reference. :func:`select_ops` is the one place that picks a path, as torch's
-``_default_to_fused_or_foreach`` does.
+loops over tensors in Python and is the readable reference. :func:`select_ops` is the one place that picks a path,
+as torch's ``_default_to_fused_or_foreach`` does.
+
+The fused path (:class:`FusedTensorListOps`) is the foreach path plus, for the bases' elementwise work, one compiled
+pass per layer, which does in one pass over the layer's elements what the foreach path does in several
+(``docs/benchmarks.md``, "The fused step"):
+
+- :func:`adam_direction_kernel`: Adam's moments, the direction :math:`d = a\, w + b\, m / (\sqrt v + \epsilon')`,
+  and the sums of squares of :math:`g`, :math:`m`, :math:`q = m / (\sqrt v + \epsilon')` and :math:`d`;
+- :func:`momentum_update_kernel`: momentum SGD's direction :math:`d = g + \beta w`, its rate, the momentum buffer,
+  the update of :math:`w` and the sum of squares of the step; :func:`plain_update_kernel` the same without momentum.
+
+Inductor compiles them (C++ on the CPU, Triton on the GPU) with dynamic shapes, once per kernel, dtype and size
+class (its CPU reductions take another accumulation above 4096 elements); learning rates, rates, step counts and
+hyperparameters are tensor inputs, so changing them never recompiles. :func:`fused_kernels_available` tells, once
+per device type, whether Inductor can compile there (a C++ compiler on the CPU, Triton on the GPU); where it
+cannot, it logs one warning and :func:`select_ops` picks the foreach kernels instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import logging
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 TensorList = list[Tensor]
 
@@ -243,12 +262,143 @@ def chunk_elements(tensors: Sequence[Tensor]) -> int | None:
     return CPU_CHUNK_ELEMENTS if _on_cpu(tensors) else None
 
 
+#: Where each coefficient of :func:`adam_direction_kernel` sits in its ``coefficients`` vector.
+ADAM_COEFFICIENTS = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight", "quotient")
+#: Where each coefficient of :func:`momentum_update_kernel` (and the first five of :func:`plain_update_kernel`) sits.
+MOMENTUM_COEFFICIENTS = ("decay", "rate", "lr", "buffer", "direction", "step_direction", "step_buffer")
+
+
+def adam_direction_kernel(grad: Tensor, weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, out: Tensor,
+                          coefficients: Tensor) -> Tensor:
+    r"""Adam's moments and direction of one layer, in one pass; returns the sums of squares of ``g, m, q, d``.
+
+    With the coefficients :data:`ADAM_COEFFICIENTS` :math:`(1 - \beta_1, \beta_2, 1 - \beta_2, \epsilon', a, b)`:
+
+    .. math::
+
+        m \leftarrow m + (1 - \beta_1)(g - m),\quad v \leftarrow \beta_2 v + (1 - \beta_2)\, g^2,\quad
+        q = \frac{m}{\sqrt v + \epsilon'},\quad d = a\, w + b\, q \ \text{(into ``out``)}
+    """
+    one_minus_beta1, beta2, one_minus_beta2, eps, weight_coefficient, quotient_coefficient = coefficients.unbind()
+    exp_avg.lerp_(grad, one_minus_beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad * one_minus_beta2)
+    quotient = exp_avg / (exp_avg_sq.sqrt() + eps)
+    out.copy_(weight_coefficient * weight + quotient_coefficient * quotient)
+    return torch.stack([grad.square().sum(), exp_avg.square().sum(), quotient.square().sum(), out.square().sum()])
+
+
+def momentum_update_kernel(grad: Tensor, weight: Tensor, buffer: Tensor, coefficients: Tensor) -> Tensor:
+    r"""Momentum SGD's update of one layer, in one pass; returns the sum of squares of the step :math:`s`.
+
+    With the coefficients :data:`MOMENTUM_COEFFICIENTS` :math:`(\beta, r, \eta, \mu', \delta', \sigma_d, \sigma_b)`:
+
+    .. math::
+
+        d = r\,(g + \beta w),\quad b \leftarrow \mu' b + \delta' d,\quad s = \sigma_d\, d + \sigma_b\, b,\quad
+        w \leftarrow w - \eta\, s
+
+    (:math:`\mu' = \mu, \delta' = 1 - \text{dampening}`, or :math:`0, 1` on a layer's first step; :math:`\sigma_d,
+    \sigma_b = 1, \mu` with Nesterov, else :math:`0, 1`).
+    """
+    decay, rate, lr, buffer_factor, direction_factor, step_direction, step_buffer = coefficients.unbind()
+    direction = (grad + decay * weight) * rate
+    buffer.mul_(buffer_factor).add_(direction * direction_factor)
+    step = step_direction * direction + step_buffer * buffer
+    weight.sub_(lr * step)
+    return step.square().sum()
+
+
+def plain_update_kernel(grad: Tensor, weight: Tensor, coefficients: Tensor) -> Tensor:
+    r"""SGD without momentum, one layer in one pass: :math:`s = r\,(g + \beta w)`, :math:`w \leftarrow w - \eta\, s`;
+    returns the sum of squares of :math:`s` (coefficients: the first three of :data:`MOMENTUM_COEFFICIENTS`)."""
+    decay, rate, lr = coefficients[:3].unbind()
+    step = (grad + decay * weight) * rate
+    weight.sub_(lr * step)
+    return step.square().sum()
+
+
+@functools.cache
+def compiled(kernel: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``kernel`` compiled by Inductor with dynamic shapes (compiled on its first call, once per dtype and size class)."""
+    return torch.compile(kernel, dynamic=True, fullgraph=True)
+
+
+def _probe(x: Tensor, y: Tensor) -> Tensor:
+    return (x * y).sum()
+
+
+@functools.cache
+def fused_kernels_available(device_type: str) -> bool:
+    """Whether Inductor compiles and runs a kernel on ``device_type`` (probed once per process, on two tiny tensors).
+
+    Where it cannot (no C++ compiler on the CPU, no Triton on the GPU) one warning is logged and the answer is False.
+    """
+    try:
+        x = torch.ones(8, device=device_type)
+        torch.compile(_probe, dynamic=True, fullgraph=True)(x, x)
+    except Exception as error:  # any compile failure: the foreach kernels run instead
+        logger.warning("fused=True: torch.compile cannot build kernels on %s here (%s: %s); the optimizer runs its "
+                       "foreach kernels instead", device_type, type(error).__name__, str(error).splitlines()[0][:200])
+        return False
+    return True
+
+
+class FusedTensorListOps(ForeachTensorListOps):
+    """The foreach path, plus one compiled pass per layer for a base's elementwise work (the kernels above).
+
+    The bases call :meth:`adam_direction` and :meth:`momentum_update` on a batch whose ``ops`` are these. Their
+    per-layer sums of squares go through :meth:`all_reduce_sum`, as the foreach path's norms do.
+    """
+
+    def adam_direction(self, grads: Sequence[Tensor], weights: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                       exp_avg_sqs: Sequence[Tensor], outs: Sequence[Tensor | None],
+                       coefficients: Tensor) -> tuple[TensorList, Tensor]:
+        """:func:`adam_direction_kernel` on every layer, with the coefficient rows ``coefficients``
+        (``[layers, 6]``): the directions (in ``outs``, or new tensors where None) and the ``[layers, 4]`` sums of squares of
+        ``g, m, q, d``."""
+        kernel = compiled(adam_direction_kernel)
+        directions = [out if out is not None else torch.empty_like(weight) for weight, out in zip(weights, outs, strict=True)]
+        sums = [kernel(_flat(g), _flat(w), _flat(m), _flat(v), _flat(d), row) for g, w, m, v, d, row in
+                zip(grads, weights, exp_avgs, exp_avg_sqs, directions, coefficients.unbind(), strict=True)]
+        return directions, self.all_reduce_sum(torch.stack(sums))
+
+    def momentum_update(self, grads: Sequence[Tensor], weights: Sequence[Tensor], buffers: Sequence[Tensor] | None,
+                        coefficients: Tensor) -> Tensor:
+        """:func:`momentum_update_kernel` on every layer (without ``buffers``:
+        :func:`plain_update_kernel`), with the coefficient rows ``coefficients`` (``[layers, 7]``);
+        returns the sums of squares of the steps."""
+        rows = coefficients.unbind()
+        if buffers is None:
+            kernel = compiled(plain_update_kernel)
+            sums = [kernel(_flat(g), _flat(w), row) for g, w, row in zip(grads, weights, rows, strict=True)]
+        else:
+            kernel = compiled(momentum_update_kernel)
+            sums = [kernel(_flat(g), _flat(w), _flat(b), row) for g, w, b, row in zip(grads, weights, buffers, rows, strict=True)]
+        return self.all_reduce_sum(torch.stack(sums))
+
+
+def _flat(tensor: Tensor) -> Tensor:
+    """A contiguous tensor as a 1-D tensor on its storage (one dynamic dimension whatever the layer's shape; detached,
+    so not a view whose base's shape the compiled kernel would guard on); any other as it is."""
+    return tensor.view(-1).detach() if tensor.is_contiguous() else tensor
+
+
 SINGLE_TENSOR_OPS = TensorListOps()
 FOREACH_OPS = ForeachTensorListOps()
+FUSED_OPS = FusedTensorListOps()
 
 
-def select_ops(foreach: bool | None, tensors: Sequence[Tensor]) -> TensorListOps:
-    """Pick the kernel path: ``foreach=None`` means foreach unless a tensor is sparse or on the meta device."""
+def select_ops(foreach: bool | None, tensors: Sequence[Tensor], fused: bool | None = None) -> TensorListOps:
+    """Pick the kernel path.
+
+    ``fused=True``: the fused kernels where Inductor compiles on the tensors' device (else, with one logged warning,
+    as if ``fused=False``). ``fused=None`` is ``fused=False`` (``docs/benchmarks.md``, "The fused step": the fused path
+    has not been measured faster on a quiet machine yet). Then ``foreach=None`` means foreach unless a tensor is
+    sparse or on the meta device.
+    """
+    unsupported = any(t.is_sparse or t.device.type == "meta" for t in tensors)
+    if fused and tensors and not unsupported and fused_kernels_available(tensors[0].device.type):
+        return FUSED_OPS
     if foreach is None:
-        foreach = not any(t.is_sparse or t.device.type == "meta" for t in tensors)
+        foreach = not unsupported
     return FOREACH_OPS if foreach else SINGLE_TENSOR_OPS

@@ -26,6 +26,7 @@ the functional step, :func:`hf_cblr.optim.functional.cblr_step`, with its parts:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from itertools import chain
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from hf_cblr.optim._tensor_ops import select_ops
 from hf_cblr.optim.config import CBLRConfig, GroupSettings
 from hf_cblr.optim.directions import create_direction
 from hf_cblr.optim.dtensor_layers import DTensorLayers, check_dtensor_support
@@ -49,7 +51,10 @@ FOREIGN_STATE_ENTRIES = {
     "torch's Adam/AdamW (optim='adamw_torch')": {"step", "exp_avg", "exp_avg_sq"},
     "torch's SGD with momentum": {"momentum_buffer"},
 }
-#: ``state_dict()[SETTINGS_KEY]``: the settings the saved state belongs to (:meth:`CBLR._estimator_settings`).
+#: ``state_dict()["param_groups"][i][SETTINGS_KEY]``: the settings the saved state belongs to
+#: (:meth:`CBLR._estimator_settings`), in every param group, where torch's distributed-checkpoint helpers
+#: (``get_optimizer_state_dict``/``set_optimizer_state_dict``) keep them; checkpoints saved before held them at the
+#: top level of the state dict, which ``load_state_dict`` still reads.
 SETTINGS_KEY = "hf_cblr"
 
 
@@ -95,6 +100,14 @@ class CBLR(Optimizer):
         seed: seeds the element samples and Hutchinson probes.
         fd_step: the norm of the finite-difference perturbation of ``curvature="fd"``.
         foreach: multi-tensor kernels (``None``: yes where supported) or the single-tensor loop.
+        fused: the fused kernels: each base's elementwise work (Adam's moments and direction; momentum SGD's direction,
+            rate, buffer and update) in one compiled pass per layer, the per-layer norms taken in the same pass
+            (:class:`~hf_cblr.optim._tensor_ops.FusedTensorListOps`). The first step compiles (seconds to a minute);
+            lr, rates and step counts are kernel inputs, so later steps do not recompile. Where Inductor cannot
+            compile (no C++ compiler on the CPU, no Triton on the GPU) one warning is logged and the foreach kernels
+            run. Applies to the optimizer's own layers; ZeRO partitions and FSDP2 shards run the foreach kernels.
+            ``None`` (default): not fused (``docs/benchmarks.md``, "The fused step"). ``fused=True`` with
+            ``foreach=True`` is an error, as in torch.
         partition_layout: where a sharding engine puts the layers once it replaces a param group's parameters by
             one flat partition (:class:`~hf_cblr.optim.partitioned.PartitionLayout`). Default (None): DeepSpeed
             ZeRO's, read from the attributes it sets on the parameters.
@@ -119,6 +132,7 @@ class CBLR(Optimizer):
         self.base = config.base
         self.update_interval = config.update_interval
         self.foreach = config.foreach
+        self.fused = config.fused
         # Per layer name: the last step's per-layer vectors of its batch and the layer's index in them
         # (read into floats only by layer_stats()).
         self._last_layer_stats: dict[str, tuple[dict[str, Tensor], int]] = {}
@@ -157,6 +171,7 @@ class CBLR(Optimizer):
         seed: int = 0,
         fd_step: float = 1e-3,
         foreach: bool | None = None,
+        fused: bool | None = None,
         partition_layout: PartitionLayout | None = None,
     ) -> dict[str, Any]:
         """This class's keyword arguments (the class docstring's Args) as the fields of a :class:`CBLRConfig`."""
@@ -164,7 +179,8 @@ class CBLR(Optimizer):
             trust=trust, curvature=curvature, aggregate=aggregate, rate_rule=rate_rule, curvature_ema=curvature_ema,
             curvature_eps=curvature_eps, update_interval=update_interval, max_ratio=max_ratio, min_ratio=min_ratio,
             base=base, betas=betas, eps=eps, weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
-            sample_size=sample_size, seed=seed, fd_step=fd_step, foreach=foreach, partition_layout=partition_layout)
+            sample_size=sample_size, seed=seed, fd_step=fd_step, foreach=foreach, fused=fused,
+            partition_layout=partition_layout)
 
     @classmethod
     def config(cls, **kwargs: Any) -> CBLRConfig:
@@ -205,6 +221,8 @@ class CBLR(Optimizer):
                 break
         if not batches:
             return loss
+        if source is self._local and self.fused:  # the fused kernels take whole layers (their norms are not reduced)
+            batches = [replace(batch, ops=select_ops(self.foreach, batch.params, fused=True)) for batch in batches]
         step = self._advance_step_counters(batches)
         estimate = not self.estimator.needs_closure or (step - 1) % self.update_interval == 0
         closure_loss, stats = cblr_step(batches, self.parts, step=step, closure=closure, estimate=estimate)
@@ -260,20 +278,37 @@ class CBLR(Optimizer):
                 "sample_size": estimator.sample_size, "seed": estimator.seed}
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's ``state`` and ``param_groups``, plus ``"hf_cblr"``: :meth:`_estimator_settings`, checked on load."""
-        return {**super().state_dict(), SETTINGS_KEY: self._estimator_settings()}
+        """torch's ``state`` and ``param_groups``, every param group with ``"hf_cblr"``: :meth:`_estimator_settings`,
+        checked on load. In the param groups, the settings survive torch's ``get_optimizer_state_dict``, which keeps
+        only ``state`` and ``param_groups`` (every key of a group but its parameters)."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            group[SETTINGS_KEY] = self._estimator_settings()
+        return state_dict
+
+    @staticmethod
+    def _saved_settings(state_dict: dict[str, Any]) -> dict[str, Any] | None:
+        """The settings a state dict was saved with: its param groups' (all the same), or its top-level entry
+        (checkpoints saved before the settings moved into the param groups); None when it has neither."""
+        if SETTINGS_KEY in state_dict:
+            return state_dict[SETTINGS_KEY]
+        in_groups = [group.get(SETTINGS_KEY) for group in state_dict.get("param_groups", [])]
+        if any(settings != in_groups[0] for settings in in_groups):
+            raise ValueError(f"the optimizer state's param groups hold different {SETTINGS_KEY!r} settings ({in_groups}): "
+                             "one optimizer saves the same settings in every group; this state was edited or merged")
+        return in_groups[0] if in_groups else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved, current = state_dict.get(SETTINGS_KEY), self._estimator_settings()
+        saved, current = self._saved_settings(state_dict), self._estimator_settings()
         if saved is None and any(state_dict.get("state", {}).values()):
             keys = sorted({key for state in state_dict["state"].values() for key in state})
             source = next((name for name, entries in FOREIGN_STATE_ENTRIES.items() if set(keys) == entries), None)
             saved_by = f", those of {source}" if source else ""
             raise ValueError(
-                f"the optimizer state was not saved by an hf_cblr optimizer (it has no {SETTINGS_KEY!r} settings entry; "
-                f"its per-parameter entries are {keys}{saved_by}), so this {type(self).__name__} cannot continue it: start the "
-                "optimizer fresh (do not load this state, e.g. resume the Trainer without the checkpoint's optimizer.pt), "
-                "or load it into the optimizer that saved it"
+                f"the optimizer state was not saved by an hf_cblr optimizer (its param groups have no {SETTINGS_KEY!r} "
+                f"settings entry; its per-parameter entries are {keys}{saved_by}), so this {type(self).__name__} cannot "
+                "continue it: start the optimizer fresh (do not load this state, e.g. resume the Trainer without the "
+                "checkpoint's optimizer.pt), or load it into the optimizer that saved it"
             )
         if saved is not None and saved != current:
             differing = {key: saved.get(key) for key in current if saved.get(key) != current[key]}
@@ -283,7 +318,9 @@ class CBLR(Optimizer):
                 "moments) belongs to those settings; build the optimizer with the saved values to resume"
             )
         previous = list(self.param_groups)
-        super().load_state_dict({key: value for key, value in state_dict.items() if key != SETTINGS_KEY})
+        groups = [{key: value for key, value in group.items() if key != SETTINGS_KEY} for group in state_dict["param_groups"]]
+        super().load_state_dict({**{key: value for key, value in state_dict.items() if key != SETTINGS_KEY},
+                                 "param_groups": groups})
         self._partitioned.follow(previous, self.param_groups)
         # torch casts every state tensor to its parameter's dtype, integer sample positions included; this
         # optimizer keeps its floating state in fp32 and its positions in int64: restore the saved dtypes.

@@ -115,6 +115,7 @@ class CBLRConfig(GroupSettings):
     seed: int = 0
     fd_step: float = 1e-3
     foreach: bool | None = None
+    fused: bool | None = None
     partition_layout: PartitionLayout | None = None
 
     def __post_init__(self) -> None:
@@ -140,6 +141,10 @@ class CBLRConfig(GroupSettings):
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.foreach not in (None, True, False):
             raise TypeError(f"foreach must be None, True or False, got {self.foreach!r}")
+        if self.fused not in (None, True, False):
+            raise TypeError(f"fused must be None, True or False, got {self.fused!r}")
+        if self.fused and self.foreach:
+            raise ValueError("fused=True and foreach=True cannot be set together (as in torch.optim): choose one kernel path")
         check_number("fd_step", self.fd_step, 0.0, math.inf, include_low=False, include_high=False)
         if self.partition_layout is not None and not isinstance(self.partition_layout, PartitionLayout):
             raise TypeError(f"partition_layout must be None (DeepSpeed ZeRO's) or a PartitionLayout (with "

@@ -34,6 +34,7 @@ class LAMB(CBLR):
         weight_decay_mask: bool | None = None,
         adaptation_mask: bool | None = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
         partition_layout: PartitionLayout | None = None,
     ) -> dict[str, Any]:
         """The CBLR arguments of this special case (its own arguments: the class docstring)."""
@@ -41,5 +42,5 @@ class LAMB(CBLR):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust=trust_coefficient,
             curvature="weight_norm", curvature_ema=0.0, curvature_eps=curvature_eps, max_ratio=max_ratio,
             base="adam", weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
-            foreach=foreach, partition_layout=partition_layout,
+            foreach=foreach, fused=fused, partition_layout=partition_layout,
         )

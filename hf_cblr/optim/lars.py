@@ -35,6 +35,7 @@ class LARS(CBLR):
         weight_decay_mask: bool | None = None,
         adaptation_mask: bool | None = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
         partition_layout: PartitionLayout | None = None,
     ) -> dict[str, Any]:
         """The CBLR arguments of this special case (its own arguments: the class docstring)."""
@@ -42,5 +43,5 @@ class LARS(CBLR):
             lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
             trust=trust_coefficient, curvature="weight_norm", curvature_ema=0.0, curvature_eps=curvature_eps,
             max_ratio=max_ratio, base="sgd", weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
-            foreach=foreach, partition_layout=partition_layout,
+            foreach=foreach, fused=fused, partition_layout=partition_layout,
         )

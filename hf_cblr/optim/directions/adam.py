@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from hf_cblr.optim._tensor_ops import TensorList, TensorListOps, compute_dtype
+from hf_cblr.optim._tensor_ops import FusedTensorListOps, TensorList, TensorListOps, compute_dtype
 from hf_cblr.optim.directions.base import BaseDirection, register_direction
 from hf_cblr.optim.types import Direction, LayerBatch, StateKind
 
@@ -77,7 +77,9 @@ class Adam(BaseDirection):
         ``workspace`` an estimator lends (the secant's previous-gradient buffer) or else into the one new tensor,
         then is overwritten in place. With ``gains`` (the secant estimators) the preconditioner's gain
         :math:`|P \hat m| / |\hat m| = \sqrt{b_2}\, |q| / |m|` is computed too: there ``q`` is formed first, its
-        norm taken in one ``ops.norms`` call with ``|g|`` and ``|m|``, and ``(\beta / s) w`` added after.
+        norm taken in one ``ops.norms`` call with ``|g|`` and ``|m|``, and ``(\beta / s) w`` added after. On the fused
+        kernels (:class:`~hf_cblr.optim._tensor_ops.FusedTensorListOps`) all of it is one compiled pass per layer
+        (:meth:`_fused_direction`).
         """
         assert steps is not None
         beta1, beta2 = batch.group["betas"]
@@ -89,6 +91,9 @@ class Adam(BaseDirection):
         sqrt_bias_corrections2 = [math.sqrt(_bias_correction(beta2, step)) for step in steps]
         scales = [c2 / c1 for c1, c2 in zip(bias_corrections1, sqrt_bias_corrections2, strict=True)]
         decay = batch.decay.tolist()
+        if isinstance(ops, FusedTensorListOps):
+            return self._fused_direction(batch, ops, workspace, sqrt_bias_corrections2, scales,
+                                         [value != 0 for value in decay], gains=gains)
         decayed = [i for i, value in enumerate(decay) if value != 0]
         ops.lerp_(exp_avgs, grads, 1 - beta1)
         ops.mul_(exp_avg_sqs, beta2)
@@ -117,6 +122,44 @@ class Adam(BaseDirection):
             norms=direction_norms * direction_scales.to(grad_norms.device),
             second_moments=exp_avg_sqs, inverse_sqrt_bias_corrections2=[1 / c2 for c2 in sqrt_bias_corrections2],
             eps=batch.group["eps"], preconditioner_gains=preconditioner_gains,
+        )
+
+    @staticmethod
+    def _fused_direction(batch: LayerBatch, ops: FusedTensorListOps, workspace: list[Tensor | None],
+                         sqrt_bias_corrections2: list[float], scales: list[float], decayed: list[bool], *,
+                         gains: bool) -> AdamDirection:
+        r""":meth:`direction` in one compiled pass per layer (:func:`~hf_cblr.optim._tensor_ops.adam_direction_kernel`).
+
+        The kernel forms :math:`d = a\, w + b\, q` with :math:`q = m / (\sqrt v + \epsilon \sqrt{b_2})` and returns the
+        norms the foreach path takes: with ``gains``, :math:`d = q + (\beta / s) w` and the scale :math:`s`; without,
+        :math:`d = w + (s / \beta) q` and the scale :math:`\beta` on decayed layers, :math:`d = q` and :math:`s` on the others.
+        """
+        beta1, beta2 = batch.group["betas"]
+        beta, eps = batch.group["weight_decay"], batch.group["eps"]
+        rows = []
+        for i, (c2, scale) in enumerate(zip(sqrt_bias_corrections2, scales, strict=True)):
+            if not decayed[i]:
+                weight_coefficient, quotient_coefficient = 0.0, 1.0
+            elif gains:
+                weight_coefficient, quotient_coefficient = beta / scale, 1.0
+            else:
+                weight_coefficient, quotient_coefficient, scales[i] = 1.0, scale / beta, beta
+            rows.append([1 - beta1, beta2, 1 - beta2, eps * c2, weight_coefficient, quotient_coefficient])
+        exp_avg_sqs = [state["exp_avg_sq"] for state in batch.states]
+        directions, sums = ops.adam_direction(
+            batch.grads, batch.weights, [state["exp_avg"] for state in batch.states], exp_avg_sqs, workspace,
+            torch.tensor(rows, dtype=batch.decay.dtype, device=batch.decay.device))
+        grad_norms, momentum_norms, q_norms, direction_norms = sums.sqrt().unbind(1)
+        preconditioner_gains = None
+        if gains:
+            layer_gains = torch.tensor(sqrt_bias_corrections2, device=momentum_norms.device) * q_norms / momentum_norms
+            preconditioner_gains = torch.where(momentum_norms > 0, layer_gains, torch.zeros_like(layer_gains))
+        direction_scales = torch.tensor(scales, device=batch.decay.device)
+        return AdamDirection(
+            tensors=directions, grad_norms=grad_norms, scales=direction_scales,
+            norms=direction_norms * direction_scales.to(grad_norms.device),
+            second_moments=exp_avg_sqs, inverse_sqrt_bias_corrections2=[1 / c2 for c2 in sqrt_bias_corrections2],
+            eps=eps, preconditioner_gains=preconditioner_gains,
         )
 
     def update(self, batch: LayerBatch, direction: Direction, rates: Tensor) -> Tensor:

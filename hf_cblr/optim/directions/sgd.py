@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
-from hf_cblr.optim._tensor_ops import TensorList
+from hf_cblr.optim._tensor_ops import FusedTensorListOps, TensorList
 from hf_cblr.optim.directions.base import BaseDirection, plus_decay, register_direction
 from hf_cblr.optim.types import Direction, LayerBatch, StateKind
+
+
+@dataclass
+class UnformedSGDDirection(Direction):
+    r"""The direction of the fused kernels: :math:`d = g + \beta w` is formed inside the update's one pass, so ``tensors``
+    hold the gradients :math:`g` (the estimators read only the norms and the identity preconditioner)."""
 
 
 @register_direction
@@ -21,16 +29,43 @@ class MomentumSGD(BaseDirection):
 
     def direction(self, batch: LayerBatch, workspace: list[Tensor | None], steps: list[float] | None, *,
                   gains: bool) -> Direction:
-        """``d = g + beta w`` (new tensors only where ``beta != 0``)."""
+        """``d = g + beta w`` (new tensors only where ``beta != 0``; on the fused kernels, formed by :meth:`update`)."""
         grad_norms = batch.ops.norms(batch.grads)
+        if isinstance(batch.ops, FusedTensorListOps):
+            return UnformedSGDDirection(list(batch.grads), grad_norms)
         return Direction(plus_decay(batch, list(batch.grads), workspace), grad_norms)
 
     def update(self, batch: LayerBatch, direction: Direction, rates: Tensor) -> Tensor:
         lr = batch.group["lr"]
+        if isinstance(direction, UnformedSGDDirection):
+            return lr * self._fused_update(batch, rates).sqrt()
         steps = self._momentum(batch, direction.tensors, list(rates.unbind()))
         update_norms = lr * batch.ops.norms(steps)
         batch.ops.add_(batch.weights, steps, alpha=-lr)
         return update_norms
+
+    @staticmethod
+    def _fused_update(batch: LayerBatch, rates: Tensor) -> Tensor:
+        """:meth:`update` in one compiled pass per layer (:func:`~hf_cblr.optim._tensor_ops.momentum_update_kernel`): the
+        direction, its rate, the momentum buffer (a new one starts at ``r d``, as torch's SGD) and the weights; returns
+        the sums of squares of the steps."""
+        group, ops = batch.group, batch.ops
+        assert isinstance(ops, FusedTensorListOps)
+        momentum, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
+        buffers = None
+        starting = [False] * len(batch)
+        if momentum != 0:
+            starting = ["momentum_buffer" not in state for state in batch.states]
+            for state, weight, new in zip(batch.states, batch.weights, starting, strict=True):
+                if new:
+                    state["momentum_buffer"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+            buffers = [state["momentum_buffer"] for state in batch.states]
+        step_factors = (1.0, momentum) if nesterov else (0.0, 1.0)
+        rows = torch.tensor([[decay, 0.0, group["lr"], 0.0 if new else momentum, 1.0 if new else 1 - dampening, *step_factors]
+                             for decay, new in zip(batch.decay.tolist(), starting, strict=True)],
+                            dtype=batch.decay.dtype, device=batch.decay.device)
+        rows[:, 1] = rates
+        return ops.momentum_update(batch.grads, batch.weights, buffers, rows)
 
     @staticmethod
     def _momentum(batch: LayerBatch, direction: TensorList, rate_list: list[Tensor]) -> TensorList:

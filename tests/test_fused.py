@@ -1,0 +1,241 @@
+"""The fused kernels (``fused=True``): the foreach path's numbers, no recompiles per step, one warning where they cannot compile.
+
+Tiny layers (at most 4096 elements: one size class of Inductor's CPU reductions), so the kernels compile once per
+process; the first test that runs them pays the compile.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from test_optim_reference import (
+    ADAM_EPS,
+    BETAS,
+    CURVATURE_EPS,
+    LR,
+    MOMENTUM,
+    TRUST,
+    WEIGHT_DECAY,
+    _problem,
+    _reference_lamb,
+    _reference_lars,
+    _train,
+)
+from torch import Tensor, nn
+from torch._dynamo.utils import counters
+
+import hf_cblr
+from hf_cblr import CBLR, LAMB, LARS, MCLR
+from hf_cblr.optim import _tensor_ops
+from hf_cblr.optim._tensor_ops import FusedTensorListOps, fused_kernels_available
+
+STEPS = 20
+SHAPES = [(12, 10), (12,), (6, 12), (6,), (3, 4, 5)]
+#: Every registry optimizer with every estimator it takes that needs no closure.
+CASES = [("cblr", {"curvature": name}) for name in ("weight_norm", "secant", "secant_denoised", "secant_pooled",
+                                                    "secant_elementwise")]
+CASES += [("cblr_adam", kwargs) for _, kwargs in CASES]
+CASES += [("mclr", {}), ("mclr_adam", {}), ("lars", {}), ("lamb", {})]
+LEARNING_RATES = {"cblr": 0.05, "mclr": 0.05, "lars": 1.0, "cblr_adam": 1e-3, "mclr_adam": 1e-3, "lamb": 1e-2}
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="needs CUDA")])]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The names of the fused ops' methods as they are called (so a test knows the fused kernels ran)."""
+    calls: list[str] = []
+    for method in ("adam_direction", "momentum_update"):
+        original = getattr(FusedTensorListOps, method)
+
+        def spy(self: FusedTensorListOps, *args: Any, _original: Any = original, _name: str = method) -> Any:
+            calls.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(FusedTensorListOps, method, spy)
+    yield calls
+
+
+def _model(dtype: torch.dtype, device: str) -> list[tuple[str, nn.Parameter]]:
+    generator = torch.Generator().manual_seed(0)
+    return [(f"layer{i}", nn.Parameter((torch.randn(shape, generator=generator) * 0.5).to(device, dtype)))
+            for i, shape in enumerate(SHAPES)]
+
+
+def _groups(named: list[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]:
+    """Two groups: the matrices with weight decay, the vectors without (two learning rates)."""
+    return [{"params": [(n, p) for n, p in named if p.ndim > 1], "weight_decay": WEIGHT_DECAY},
+            {"params": [(n, p) for n, p in named if p.ndim == 1], "weight_decay": 0.0, "lr_factor": 0.5}]
+
+
+def _accumulate_gradients(named: list[tuple[str, nn.Parameter]], step: int) -> None:
+    """Two backward passes per step (micro-batches: the denoised secant's noise estimate) of a loss whose gradient
+    depends on the weights: ``sum_l 0.5 a |w_l|^2 + <h_k, w_l>``."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    for _ in range(2):
+        loss = sum((0.5 * 0.3 * p.float().square() + torch.randn(p.shape, generator=generator).to(p.device) * p.float()).sum()
+                   for _, p in named)
+        loss.backward()
+
+
+def _run(name: str, kwargs: dict[str, Any], fused: bool | None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+         steps: int = STEPS) -> tuple[list[Tensor], torch.optim.Optimizer]:
+    named = _model(dtype, device)
+    optimizer = hf_cblr.create_optimizer(_groups(named), name, lr=LEARNING_RATES[name], fused=fused, **kwargs)
+    for step in range(steps):
+        for group in optimizer.param_groups:  # a changing learning rate
+            group["lr"] = LEARNING_RATES[name] * group.get("lr_factor", 1.0) * (1 - 0.5 * step / steps)
+        _accumulate_gradients(named, step)
+        optimizer.step()
+        optimizer.zero_grad()
+    return [p.detach().clone() for _, p in named], optimizer
+
+
+def _assert_relatively_close(actual: list[Tensor], expected: list[Tensor], tolerance: float = 1e-6) -> None:
+    for a, e in zip(actual, expected, strict=True):
+        error = ((a.double() - e.double()).norm() / e.double().norm()).item()
+        assert error <= tolerance, f"relative difference {error:.2e} > {tolerance:.0e}"
+
+
+def _element_state(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [value for state in optimizer.state.values() for key, value in sorted(state.items())
+            if isinstance(value, Tensor) and value.ndim > 0 and key != "sample_positions"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[f"{n}-{k.get('curvature', 'default')}" for n, k in CASES])
+def test_fused_equals_foreach_over_20_steps(name: str, kwargs: dict[str, Any], dtype: torch.dtype, device: str,
+                                            kernel_calls: list[str]) -> None:
+    fused_weights, fused = _run(name, kwargs, True, dtype, device)
+    assert kernel_calls, "the fused kernels did not run"
+    foreach_weights, foreach = _run(name, kwargs, False, dtype, device)
+    initial = [p.detach() for _, p in _model(dtype, device)]
+    assert not any(torch.equal(w, w0) for w, w0 in zip(foreach_weights, initial, strict=True))
+    _assert_relatively_close(fused_weights, foreach_weights)
+    _assert_relatively_close(_element_state(fused), _element_state(foreach))
+    fused_rates = [stats["rate"] for stats in fused.layer_stats().values()]
+    foreach_rates = [stats["rate"] for stats in foreach.layer_stats().values()]
+    assert fused_rates == pytest.approx(foreach_rates, rel=1e-5)
+
+
+def test_lars_and_lamb_equalities_hold_on_the_fused_kernels(kernel_calls: list[str]) -> None:
+    """``tests/test_optim_reference.py``'s equalities: LARS and LAMB are CBLR with the weight-norm curvature, bit for bit,
+    and match their papers' formulas; here on the fused kernels."""
+    weights, gradient = _problem()
+    for nesterov in (False, True):
+        lars_weights, _ = _train(lambda p, n=nesterov: LARS(p, lr=LR, momentum=MOMENTUM, nesterov=n, weight_decay=WEIGHT_DECAY,
+                                                              trust_coefficient=TRUST, curvature_eps=CURVATURE_EPS, fused=True),
+                                 weights, gradient)
+        cblr_weights, _ = _train(lambda p, n=nesterov: CBLR(p, lr=LR, momentum=MOMENTUM, nesterov=n, weight_decay=WEIGHT_DECAY,
+                                                              trust=TRUST, curvature="weight_norm", curvature_ema=0.0,
+                                                              curvature_eps=CURVATURE_EPS, max_ratio=math.inf, fused=True),
+                                 weights, gradient)
+        for a, b in zip(lars_weights, cblr_weights, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    lars_weights, _ = _train(lambda p: LARS(p, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, trust_coefficient=TRUST,
+                                            curvature_eps=CURVATURE_EPS, fused=True), weights, gradient)
+    reference, _ = _reference_lars(weights, gradient, LR, MOMENTUM, WEIGHT_DECAY, TRUST, CURVATURE_EPS)
+    for a, b in zip(lars_weights, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert "momentum_update" in kernel_calls
+
+    lamb_weights, _ = _train(lambda p: LAMB(p, lr=LR * 0.1, betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY,
+                                            trust_coefficient=TRUST, curvature_eps=CURVATURE_EPS, fused=True), weights, gradient)
+    cblr_weights, _ = _train(lambda p: CBLR(p, lr=LR * 0.1, base="adam", betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY,
+                                            trust=TRUST, curvature="weight_norm", curvature_ema=0.0,
+                                            curvature_eps=CURVATURE_EPS, max_ratio=math.inf, fused=True), weights, gradient)
+    reference, _ = _reference_lamb(weights, gradient, LR * 0.1, BETAS, ADAM_EPS, WEIGHT_DECAY, TRUST, CURVATURE_EPS)
+    for a, b, r in zip(lamb_weights, cblr_weights, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    assert "adam_direction" in kernel_calls
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("lars", {}), ("cblr_adam", {"curvature": "secant"}), ("mclr", {})])
+def test_fused_resume_is_bit_exact(name: str, kwargs: dict[str, Any], kernel_calls: list[str]) -> None:
+    """10 steps, a state dict, 10 more steps; a new optimizer loading that state dict takes the same 10 steps, bit for bit."""
+    named = _model(torch.float32, "cpu")
+    optimizer = hf_cblr.create_optimizer(_groups(named), name, lr=LEARNING_RATES[name], fused=True, **kwargs)
+    for step in range(10):
+        _accumulate_gradients(named, step)
+        optimizer.step()
+        optimizer.zero_grad()
+    saved_weights = [p.detach().clone() for _, p in named]
+    saved_state = copy.deepcopy(optimizer.state_dict())
+    for step in range(10, 20):
+        _accumulate_gradients(named, step)
+        optimizer.step()
+        optimizer.zero_grad()
+    continued = [p.detach().clone() for _, p in named]
+
+    for (_, p), saved in zip(named, saved_weights, strict=True):
+        p.data.copy_(saved)
+    resumed = hf_cblr.create_optimizer(_groups(named), name, lr=LEARNING_RATES[name], fused=True, **kwargs)
+    resumed.load_state_dict(saved_state)
+    for step in range(10, 20):
+        _accumulate_gradients(named, step)
+        resumed.step()
+        resumed.zero_grad()
+    assert kernel_calls
+    for (_, p), expected in zip(named, continued, strict=True):
+        assert torch.equal(p.detach(), expected)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("lars", {}), ("cblr", {"momentum": 0.0, "curvature": "secant"}),
+                                              ("cblr_adam", {"curvature": "secant"}), ("lamb", {})])
+def test_no_recompiles_over_20_steps(name: str, kwargs: dict[str, Any], kernel_calls: list[str]) -> None:
+    """After the first step, 19 steps with a changing lr, changing rates and a second param group (other sizes, other
+    weight decay) compile no new graph."""
+    _run(name, kwargs, True, steps=1)  # compiles what this configuration needs (if an earlier test has not)
+    graphs_before = counters["stats"]["unique_graphs"]
+    calls_before = len(kernel_calls)
+    _, optimizer = _run(name, kwargs, True, steps=STEPS)
+    assert len(kernel_calls) - calls_before >= STEPS * len(optimizer.param_groups)
+    rates = {stats["rate"] for stats in optimizer.layer_stats().values()}
+    assert len(rates) > 2  # the layers' rates differ (and with them the kernels' inputs)
+    assert counters["stats"]["unique_graphs"] == graphs_before
+
+
+def test_without_a_compiler_fused_falls_back_to_foreach_with_one_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, kernel_calls: list[str]) -> None:
+    """torch.compile compiles on a kernel's first call: a machine without a C++ compiler (or Triton) fails there."""
+
+    def compile_without_compiler(function: Any, **options: Any) -> Any:
+        def failing(*args: Any) -> Any:
+            raise RuntimeError("InductorError: CppCompileError: no C++ compiler found (g++, clang++)")
+        return failing
+
+    fused_kernels_available.cache_clear()
+    monkeypatch.setattr(torch, "compile", compile_without_compiler)
+    try:
+        with caplog.at_level(logging.WARNING, logger=_tensor_ops.__name__):
+            fused_weights, _ = _run("cblr_adam", {"curvature": "secant"}, True, steps=3)
+            lars_weights, _ = _run("lars", {}, True, steps=3)
+    finally:
+        fused_kernels_available.cache_clear()
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "foreach kernels" in warnings[0].getMessage()
+    assert kernel_calls == []
+    for actual, expected in ((fused_weights, _run("cblr_adam", {"curvature": "secant"}, None, steps=3)[0]),
+                             (lars_weights, _run("lars", {}, None, steps=3)[0])):
+        for a, e in zip(actual, expected, strict=True):
+            assert torch.equal(a, e)
+
+
+def test_fused_is_a_validated_setting_of_every_registry_optimizer() -> None:
+    params = [nn.Parameter(torch.ones(2, 2))]
+    for cls in (CBLR, MCLR, LARS, LAMB):
+        assert cls(params, fused=True).fused is True
+        assert cls(params).fused is None
+    assert all(hf_cblr.get_optimizer_info(name).config(fused=True).fused for name in hf_cblr.list_optimizers())
+    with pytest.raises(TypeError, match="fused must be None, True or False"):
+        CBLR(params, fused="yes")
+    with pytest.raises(ValueError, match="fused=True and foreach=True"):
+        LAMB(params, fused=True, foreach=True)
