@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -102,6 +109,16 @@ def test_fsdp2_dcp_resume_continues_the_run(fsdp2_run: dict[str, dict[str, Any]]
     torch.testing.assert_close(fsdp2_run[case]["resumed"], fsdp2_run[case]["parameters"], rtol=0, atol=0)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", list(worker.CASES))
+def test_fsdp2_resume_through_torch_state_dict_helpers_continues_the_run(fsdp2_run: dict[str, dict[str, Any]],
+                                                                         case: str) -> None:
+    """Saved and resumed through ``get_state_dict``/``set_state_dict``, which keep only the optimizer's ``state`` and
+    ``param_groups`` (keyed by parameter name) and step a fresh optimizer with zero gradients to create the state to
+    load into: the settings travel in the param groups, and the run continues bit-identically."""
+    torch.testing.assert_close(fsdp2_run[case]["resumed_through_helpers"], fsdp2_run[case]["parameters"], rtol=0, atol=0)
+
+
 # -- one process: a 1-rank mesh ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Any:
@@ -162,6 +179,41 @@ def test_replicated_dtensor_layers_are_stepped_whole(mesh: Any) -> None:
     assert optimizer.dtensor_layers.distributor is not None and optimizer.dtensor_layers.distributor.calls == 0
 
 
+def _saved_through_helpers(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+
+
+def _load_through_helpers(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def test_settings_are_checked_through_torch_state_dict_helpers(mesh: Any, tmp_path: Path) -> None:
+    """``get_optimizer_state_dict`` keeps the settings (they are in every param group); a resume through
+    ``set_optimizer_state_dict`` into an optimizer with other settings, or of torch AdamW's state, is refused (before
+    the settings moved into the param groups, the helpers dropped them and every such load was refused as foreign)."""
+    name, kwargs = worker.CASES["mclr-secant_elementwise-50"]
+    model = worker.sharded(mesh)
+    optimizer = hf_cblr.create_optimizer(model, name, **kwargs)
+    _train(model, optimizer, steps=2)
+    assert all(group["hf_cblr"]["seed"] == 0 for group in get_optimizer_state_dict(model, optimizer)["param_groups"])
+    _saved_through_helpers(model, optimizer, tmp_path / "mclr")
+    other_seed = worker.sharded(mesh)
+    with pytest.raises(ValueError, match=r"saved with \{'seed': 0\}, this MCLR has \{'seed': 1\}"):
+        _load_through_helpers(other_seed, hf_cblr.create_optimizer(other_seed, name, **{**kwargs, "seed": 1}), tmp_path / "mclr")
+
+    adamw_model = worker.sharded(mesh)
+    adamw = torch.optim.AdamW(adamw_model.parameters())
+    _train(adamw_model, adamw, steps=1)
+    adamw_state = get_optimizer_state_dict(adamw_model, adamw)  # (DCP would refuse it first: its entries differ)
+    model = worker.sharded(mesh)
+    with pytest.raises(ValueError, match=r"not saved by an hf_cblr optimizer .*those of torch's Adam/AdamW"):
+        set_optimizer_state_dict(model, hf_cblr.create_optimizer(model, name, **kwargs), adamw_state)
+
+
 @pytest.mark.parametrize("curvature", ["secant_denoised", "secant_pooled", "hvp", "fd", "hutchinson"])
 def test_estimators_that_cannot_run_on_shards_are_refused_at_construction(mesh: Any, curvature: str) -> None:
     with pytest.raises(NotImplementedError, match=f"curvature='{curvature}' is not supported under FSDP2"):
@@ -199,3 +251,25 @@ def test_fsdp2_dcp_checkpoint_resumes_at_another_world_size(fsdp2_run: dict[str,
     """The 2-rank checkpoint resumed on 1 rank: DCP reshards the element state (DTensors); the per-layer scalars and
     sample rows are whole on every rank. The run continues as on 2 ranks, to the rounding of the gradient average."""
     torch.testing.assert_close(fsdp2_run[case]["resized"], fsdp2_run[case]["parameters"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.multiprocess
+def test_trainer_fsdp_arguments_on_cpu_processes_are_refused(tmp_path: Path) -> None:
+    """``fsdp="full_shard"`` with ``fsdp_config={"fsdp_version": 2}`` on 2 CPU processes: Accelerate has no FSDP on the
+    CPU and would train unsharded under DDP (``docs/sharding.md``); CBLRTrainer stops the run, saying so."""
+    from hf_cblr.data import sentiment_examples
+
+    train_file, fsdp_config = tmp_path / "train.tsv", tmp_path / "fsdp.json"
+    lines = ["sentence\tlabel", *(f"{sentence}\t{label}" for sentence, label in sentiment_examples("train")[:16])]
+    train_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    fsdp_config.write_text('{"fsdp_version": 2}')
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "scripts" / "finetune.py"), "--tiny_model", "--train_file", str(train_file), "--output_dir",
+               str(tmp_path / "out"), "--optim", "mclr_adam", "--learning_rate", "1e-3", "--max_steps", "2",
+               "--fsdp", "full_shard", "--fsdp_config", str(fsdp_config), "--save_strategy", "no", "--probe_interval", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "FSDP was requested" in result.stderr and "on CPU processes it drops the FSDP plugin" in result.stderr
+    assert not (tmp_path / "out" / "train_results.json").exists()

@@ -2,11 +2,12 @@
 
 ``torchrun --nproc_per_node N fsdp2_worker.py OUTPUT``: each case runs :data:`STEPS` steps on the shards (every rank its
 slice of the batch) and again with a save through torch distributed checkpoint (DCP) at step :data:`SAVE_AT` and a resume
-in a new model and optimizer; rank 0 writes ``OUTPUT/<case>.pt`` with the full parameters, the layer statistics, the
-all-reduces per step, each rank's optimizer state bytes and the resumed parameters. ``fsdp2_worker.py OUTPUT resize``
-resumes the checkpoints found in ``OUTPUT`` (saved at another world size) into ``OUTPUT/resized-<case>.pt``. The first
-dimensions of the layers (37, 9, 1) do not divide by 2 ranks, and the last is smaller than the world size: rank 1 holds
-no row of it.
+in a new model and optimizer, once with the optimizer's own state dict and once through torch's state-dict helpers
+(``get_state_dict``/``set_state_dict``); rank 0 writes ``OUTPUT/<case>.pt`` with the full parameters, the layer
+statistics, the all-reduces per step, each rank's optimizer state bytes and the parameters of both resumed runs.
+``fsdp2_worker.py OUTPUT resize`` resumes the checkpoints found in ``OUTPUT`` (saved at another world size) into
+``OUTPUT/resized-<case>.pt``. The first dimensions of the layers (37, 9, 1) do not divide by 2 ranks, and the last is
+smaller than the world size: rank 1 holds no row of it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -108,8 +109,25 @@ def run_case(mesh: DeviceMesh, case: str, checkpoint: Path) -> dict[str, Any]:
     optimizer = hf_cblr.create_optimizer(model, name, **kwargs)
     train(model, optimizer, range(SAVE_AT))
     dcp.save({"model": get_model_state_dict(model), "optimizer": optimizer.state_dict()}, checkpoint_id=checkpoint / case)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint / f"{case}-helpers")
     result["resumed"] = resume(mesh, case, checkpoint)
+    result["resumed_through_helpers"] = resume_through_helpers(mesh, case, checkpoint)
     return result
+
+
+def resume_through_helpers(mesh: DeviceMesh, case: str, checkpoint: Path) -> dict[str, Tensor]:
+    """As :func:`resume`, through torch's ``get_state_dict``/``set_state_dict`` (state keyed by parameter name; the
+    helpers create the optimizer's state to load into by a step with zero gradients and learning rate)."""
+    name, kwargs = CASES[case]
+    model = sharded(mesh)
+    optimizer = hf_cblr.create_optimizer(model, name, **kwargs)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=checkpoint / f"{case}-helpers")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    train(model, optimizer, range(SAVE_AT, STEPS))
+    return full_parameters(model)
 
 
 def resume(mesh: DeviceMesh, case: str, checkpoint: Path) -> dict[str, Tensor]:
