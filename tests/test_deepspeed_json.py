@@ -161,6 +161,49 @@ def test_the_shipped_json_names_mclr_adam_with_auto_params(trainer_deepspeed_arg
     assert _take(args) == ("mclr_adam", {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8})
 
 
+# -- the learning rate without learning_rate: the section's optimizer's recommendation ---------------------
+@pytest.mark.parametrize(("type_name", "expected"), [("MCLRAdam", 5e-4), ("CBLRAdam", 5e-4), ("HfCblrLAMB", 5e-3)])
+def test_without_learning_rate_an_auto_lr_is_the_sections_recommendation(trainer_deepspeed_args: Any, type_name: str,
+                                                                          expected: float) -> None:
+    """optim left at the stock default (whose default lr is 5e-5): the lr is that of the optimizer the section builds."""
+    args = trainer_deepspeed_args({"type": type_name, "params": dict(AUTO_PARAMS)})
+    assert args.learning_rate == expected
+    name, kwargs = _take(args)
+    assert name == hf_deepspeed.DEEPSPEED_OPTIMIZER_TYPES[type_name] and kwargs["lr"] == expected
+
+
+def test_without_learning_rate_a_section_without_a_recommendation_asks_for_one(trainer_deepspeed_args: Any) -> None:
+    with pytest.raises(ValueError, match=r"the DeepSpeed config's \"optimizer\" type 'CBLR' \(cblr\) has no recommended "
+                                         r"learning rate .*give learning_rate"):
+        trainer_deepspeed_args({"type": "CBLR", "params": {"lr": "auto"}})
+    assert trainer_deepspeed_args({"type": "CBLR", "params": {"lr": "auto"}}, learning_rate=0.1).learning_rate == 0.1
+
+
+def test_under_accelerate_launch_the_lr_follows_the_config_files_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                          trainer_deepspeed_args: Any) -> None:
+    """``accelerate launch`` with a DeepSpeed config file: ``args.deepspeed`` is None, the file comes through the
+    environment; the optimizer that CBLRTrainer builds from its ``HfCblrLAMB`` section has lamb's recommended lr.
+    (``trainer_deepspeed_args``: only to forget the global DeepSpeed config afterwards.)"""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_cblr.trainer import CBLRTrainer
+
+    config_file = tmp_path / "ds.json"
+    config_file.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                                       "optimizer": {"type": "HfCblrLAMB", "params": {"lr": "auto", "weight_decay": "auto"}}}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config_file))
+    args = CBLRTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
+    assert args.deepspeed is None and args.deepspeed_plugin is not None
+    assert args.learning_rate == 5e-3
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=16))
+    trainer = CBLRTrainer(model=model, args=args)
+    assert trainer.is_deepspeed_enabled and trainer.optimizer_name == "lamb"
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is hf_cblr.LAMB and optimizer.defaults["lr"] == 5e-3
+
+
 # -- ZeRO-2 from the shipped JSON on 2 ranks -----------------------------------------------------------
 def _load_trainer_worker() -> Any:
     spec = importlib.util.spec_from_file_location("ds_trainer_worker", TRAINER_WORKER)
@@ -196,3 +239,27 @@ def test_zero2_from_the_mclr_adam_json_trains_mclr_adam_as_one_process(tmp_path:
     expected = worker.train(worker.training_args(str(tmp_path / "reference"), worker.GLOBAL_BATCH, optim="mclr_adam",
                                                  **arguments))
     torch.testing.assert_close(result["parameters"], expected["parameters"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_accelerate_launch_zero3_with_batch_sizes_as_numbers(tmp_path: Path) -> None:
+    """``accelerate launch`` of ``scripts/finetune.py`` with ZeRO-3 on 2 CPU ranks from a JSON whose batch sizes are
+    numbers, not ``"auto"``: DeepSpeed checks them against the world size when the model is built under ``zero.Init``,
+    so its communication must be up by then (the script initializes it whenever DeepSpeed is on, not only for
+    ``--deepspeed``); the card names the ZeRO stage the run used (``args.deepspeed`` is None under the launcher)."""
+    import yaml
+    from test_accelerate_launch import GLOBAL_BATCH_SIZE, LAUNCHED_PROCESSES, launch
+
+    deepspeed_config = json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text())
+    deepspeed_config |= {"train_batch_size": GLOBAL_BATCH_SIZE, "gradient_accumulation_steps": 1,
+                         "train_micro_batch_size_per_gpu": GLOBAL_BATCH_SIZE // LAUNCHED_PROCESSES}
+    (tmp_path / "zero3.json").write_text(json.dumps(deepspeed_config))
+    accelerate_config = yaml.safe_load((ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml").read_text())
+    accelerate_config["deepspeed_config"]["deepspeed_config_file"] = str(tmp_path / "zero3.json")
+    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(accelerate_config))
+
+    results = launch(tmp_path / "zero3.yaml", tmp_path, LAUNCHED_PROCESSES, on_gpus=False)
+
+    assert results["world_size"] == LAUNCHED_PROCESSES and results["zero_stage"] == 3
+    assert "| `deepspeed` | ZeRO-3 |" in (tmp_path / "out" / "README.md").read_text()

@@ -28,6 +28,8 @@ from hf_cblr.hub import (
     optimizer_hyperparameters,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def front_matter(text: str) -> dict[str, Any]:
     match = re.match(r"---\n(.*?)\n---\n", text, flags=re.DOTALL)
@@ -201,6 +203,26 @@ def test_card_precision_is_what_the_run_used(tmp_path: Path, monkeypatch: pytest
     info = model_card_info_from_trainer(trainer, model_name="tiny", dataset_label="tiny", metrics={})
     assert info.training["precision"] == "bf16"
     assert "| `precision` | bf16 |" in str(create_model_card(info))
+
+
+def test_card_deepspeed_is_what_the_run_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`accelerate launch` with a DeepSpeed config hands it to the run through the environment, not args.deepspeed: the
+    card reads the ZeRO stage of the trainer's DeepSpeed plugin; without DeepSpeed it has no DeepSpeed row."""
+    pytest.importorskip("deepspeed")
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    trainer = tiny_trainer(tmp_path)
+    assert "deepspeed" not in model_card_info_from_trainer(trainer, model_name="tiny", dataset_label="tiny").training
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "configs" / "deepspeed" / "zero3.json"))
+    try:
+        trainer = tiny_trainer(tmp_path)
+        assert trainer.args.deepspeed is None and trainer.is_deepspeed_enabled
+        info = model_card_info_from_trainer(trainer, model_name="tiny", dataset_label="tiny")
+    finally:
+        unset_hf_deepspeed_config()  # the global config that the DeepSpeed plugin registers
+    assert info.training["deepspeed"] == "ZeRO-3"
+    assert "| `deepspeed` | ZeRO-3 |" in str(create_model_card(info))
 
 
 def test_card_from_the_arguments_of_trainer_create_model_card(tmp_path: Path) -> None:

@@ -180,3 +180,23 @@ def test_an_optimizer_without_a_recommended_learning_rate_asks_for_one(tmp_path:
         CBLRTrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True, report_to=[])
     assert CBLRTrainingArguments(output_dir=str(tmp_path), optim=optim, learning_rate=0.1, use_cpu=True,
                                  report_to=[]).learning_rate == 0.1
+
+
+def test_a_reporting_run_logs_the_layer_rates_and_curvatures(tmp_path: Path) -> None:
+    """With ``report_to`` set, CBLRTrainer attaches LayerStatsCallback first (before the reporting integrations), so the
+    training logs carry ``layer_rate/<layer>`` and ``layer_curvature/<layer>``; without, it is not attached."""
+    pytest.importorskip("tensorboard", reason="the tensorboard extra")
+    from hf_cblr.diagnostics import LayerStatsCallback
+
+    quiet = CBLRTrainer(model=tiny_bert(), args=_args(tmp_path / "quiet", optim="mclr_adam"))
+    assert not any(isinstance(callback, LayerStatsCallback) for callback in quiet.callback_handler.callbacks)
+    args = CBLRTrainingArguments(output_dir=str(tmp_path / "reported"), use_cpu=True, report_to="tensorboard",
+                                 optim="mclr_adam", max_steps=2, logging_steps=1, per_device_train_batch_size=4,
+                                 save_strategy="no", disable_tqdm=True)
+    trainer = CBLRTrainer(model=tiny_bert(), args=args, train_dataset=IndexedDataset(8))
+    assert isinstance(trainer.callback_handler.callbacks[0], LayerStatsCallback)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert all(f"layer_rate/{name}" in entry and f"layer_curvature/{name}" in entry for entry in logged)

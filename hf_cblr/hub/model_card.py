@@ -7,8 +7,8 @@
 ``hf_cblr`` block with the optimizer, its hyperparameters, the batch-size schedule, the drop schedule and the link to the
 method; the body repeats them as tables with the training arguments. :func:`model_card_info_from_trainer`
 reads all of it from a finished :class:`~transformers.Trainer` (the optimizer that actually trained,
-unwrapped from Accelerate/DeepSpeed; the precision its accelerator and model ran in; its evaluation
-results), so the card cannot drift from the run.
+unwrapped from Accelerate/DeepSpeed; the precision its accelerator and model ran in; its DeepSpeed ZeRO stage;
+its evaluation results), so the card cannot drift from the run.
 """
 
 from __future__ import annotations
@@ -161,8 +161,18 @@ def run_precision(trainer: Trainer) -> str:
     return weights if mixed == "no" else f"{mixed} mixed precision, {weights} weights"
 
 
-def training_settings(args: TrainingArguments, precision: str) -> dict[str, Any]:
-    """The training arguments a reader needs to reproduce the run; ``precision`` as :func:`run_precision` reads it."""
+def run_deepspeed(trainer: Trainer) -> str | None:
+    """The DeepSpeed ZeRO stage the run used (``"ZeRO-2"``), from the trainer's accelerator rather than from
+    ``args.deepspeed`` (None under ``accelerate launch`` with a DeepSpeed config): the stage of its DeepSpeed plugin,
+    which the engine runs; None without DeepSpeed."""
+    if not trainer.is_deepspeed_enabled:
+        return None
+    return f"ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+
+
+def training_settings(args: TrainingArguments, precision: str, deepspeed: str | None) -> dict[str, Any]:
+    """The training arguments a reader needs to reproduce the run; ``precision`` as :func:`run_precision` reads it,
+    ``deepspeed`` as :func:`run_deepspeed` (None: no DeepSpeed)."""
     values: dict[str, Any] = {
         "optim": _plain(args.optim),
         "optim_args": args.optim_args,
@@ -176,7 +186,7 @@ def training_settings(args: TrainingArguments, precision: str) -> dict[str, Any]
         "per_device_eval_batch_size": args.per_device_eval_batch_size,
         "precision": precision,
         "seed": args.seed,
-        "deepspeed": "yes" if args.deepspeed else None,
+        "deepspeed": deepspeed,
     }
     return {key: value for key, value in values.items() if value is not None}
 
@@ -194,7 +204,8 @@ def latest_evaluation(trainer: Trainer) -> dict[str, float]:
 def model_card_info_from_trainer(trainer: Trainer, *, model_name: str, dataset_label: str,
                                  metrics: dict[str, float] | None = None, **fields: Any) -> ModelCardInfo:
     """A :class:`ModelCardInfo` from ``trainer``: its optimizer (the one that actually stepped; before training, the
-    one its arguments configure), arguments and precision (:func:`run_precision`); ``metrics`` as returned by
+    one its arguments configure), arguments, precision (:func:`run_precision`) and DeepSpeed ZeRO stage
+    (:func:`run_deepspeed`); ``metrics`` as returned by
     ``trainer.evaluate()`` (``eval_`` prefixes and run statistics are dropped; default: :func:`latest_evaluation`);
     ``fields`` set the other :class:`ModelCardInfo` fields."""
     args = trainer.args
@@ -216,7 +227,7 @@ def model_card_info_from_trainer(trainer: Trainer, *, model_name: str, dataset_l
         metrics=results,
         batch_size=batch_size_settings(args),
         drop=drop_settings(args),
-        training=training_settings(args, run_precision(trainer)),
+        training=training_settings(args, run_precision(trainer), run_deepspeed(trainer)),
         repo_id=fields.pop("repo_id", None) or args.hub_model_id,
         **fields,
     )

@@ -23,37 +23,42 @@ This module does that, and sets the two config flags a client optimizer needs:
 * :func:`pop_optimizer_section`, and :func:`take_trainer_optimizer_section`, which
   :class:`~hf_cblr.trainer.CBLRTrainer` uses for a DeepSpeed config with our section.
 
-**Type names.** Every registry optimizer (:func:`hf_cblr.list_optimizers`) has one ``"type"``, derived from its
-registry name by :func:`deepspeed_type` and listed in :data:`DEEPSPEED_OPTIMIZER_TYPES`: the method's acronym in
-capitals, then the base capitalized (``cblr`` -> ``CBLR``, ``mclr_adam`` -> ``MCLRAdam``); a spelling that DeepSpeed
-already owns (:data:`DEEPSPEED_OWN_OPTIMIZER_TYPES`: ``LAMB`` is its FusedLamb) gets the ``HfCblr`` prefix
-(``lamb`` -> ``HfCblrLAMB``). The types match in any case, as DeepSpeed matches its own. A type that looks like ours
-(it starts with ``HfCblr`` or with the acronym of a registry method that DeepSpeed does not own, ignoring case and
-all but letters and digits: ``cblr_adam``, ``LARSAdam``) but is none of them raises ``ValueError`` naming the valid
-types; the base is part of the type, so a ``"base"`` in ``"params"`` is refused, naming the types.
+**Type names** (:mod:`hf_cblr.integrations.deepspeed_types`). Every registry optimizer has one ``"type"``, listed in
+:data:`DEEPSPEED_OPTIMIZER_TYPES`: the method's acronym in capitals, then the base capitalized (``cblr`` -> ``CBLR``,
+``mclr_adam`` -> ``MCLRAdam``); a spelling that DeepSpeed already owns gets the ``HfCblr`` prefix (``lamb`` ->
+``HfCblrLAMB``, as ``LAMB`` is DeepSpeed's FusedLamb). The types match in any case, as DeepSpeed matches its own; one
+that looks like ours but is none of them raises ``ValueError`` naming the valid types; the base is part of the type,
+so a ``"base"`` in ``"params"`` is refused, naming the types.
 
 **"auto" params.** Under ``CBLRTrainer`` transformers' ``HfTrainerDeepSpeedConfig`` fills the section's ``"auto"``
 values as it does for DeepSpeed's own optimizers (:data:`TRAINER_FILLED_PARAMS`: ``lr`` from ``learning_rate``,
 ``betas`` from ``[adam_beta1, adam_beta2]``, ``eps`` from ``adam_epsilon``, ``weight_decay`` from ``weight_decay``),
 and a value given there that differs from the training argument stops training when it starts (its mismatch check).
-Any other ``"auto"`` is refused: no training argument fills it.
+Any other ``"auto"`` is refused: no training argument fills it. Without ``learning_rate``,
+:class:`~hf_cblr.trainer.CBLRTrainingArguments` takes the learning rate that the registry recommends for the section's
+type, whatever ``optim`` says (:func:`~hf_cblr.integrations.deepspeed_types.trainer_deepspeed_optimizer`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
-import torch
 from torch import nn
 
+from hf_cblr.integrations.deepspeed_types import (
+    DEEPSPEED_OPTIMIZER_TYPES,
+    DEEPSPEED_OWN_OPTIMIZER_TYPES,
+    HF_CBLR_TYPE_PREFIX,
+    deepspeed_type,
+    registry_name_of_type,
+)
 from hf_cblr.integrations.transformers import check_optimizer_arguments, parse_optim_args, prepare_deepspeed_config
 from hf_cblr.optim.cblr import CBLR
 from hf_cblr.optim.partitioned import check_zero_support
-from hf_cblr.optim.registry import check_optimizer_kwargs, create_optimizer, list_optimizers
+from hf_cblr.optim.registry import check_optimizer_kwargs, create_optimizer
 
 if TYPE_CHECKING:
     from hf_cblr.trainer.arguments import CBLRTrainingArguments
@@ -71,49 +76,13 @@ __all__ = [
     "zero_stage",
 ]
 
-#: DeepSpeed's own ``"optimizer"`` types (``deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS``, which DeepSpeed matches
-#: in any case): a registry optimizer whose spelling is one of them gets the :data:`HF_CBLR_TYPE_PREFIX`.
-DEEPSPEED_OWN_OPTIMIZER_TYPES = frozenset({"adagrad", "adam", "adamw", "lamb", "lion", "muadam", "muadamw", "muon", "musgd"})
-#: The prefix of a type whose plain spelling DeepSpeed owns (``HfCblrLAMB``); also what marks a type as meant for hf_cblr.
-HF_CBLR_TYPE_PREFIX = "HfCblr"
 #: The section's ``params`` that transformers' ``HfTrainerDeepSpeedConfig`` fills from the training arguments where they
 #: are ``"auto"`` (and checks against them where they are not), as for DeepSpeed's own optimizers.
 TRAINER_FILLED_PARAMS = {"lr": "learning_rate", "betas": "[adam_beta1, adam_beta2]", "eps": "adam_epsilon",
                          "weight_decay": "weight_decay"}
-
-
-def deepspeed_type(name: str) -> str:
-    """The DeepSpeed ``"type"`` of registry optimizer ``name``: its method's acronym in capitals, then each further part
-    capitalized (``cblr`` -> ``CBLR``, ``mclr_adam`` -> ``MCLRAdam``), with :data:`HF_CBLR_TYPE_PREFIX` where DeepSpeed
-    owns that spelling (``lamb`` -> ``HfCblrLAMB``)."""
-    method, *rest = name.split("_")
-    spelling = method.upper() + "".join(part.capitalize() for part in rest)
-    return HF_CBLR_TYPE_PREFIX + spelling if spelling.lower() in DEEPSPEED_OWN_OPTIMIZER_TYPES else spelling
-
-
-#: The ``"optimizer": {"type": ...}`` names of a DeepSpeed config that this package builds (matched in any case), and
-#: their registry names: one per registry optimizer, all of which run under ZeRO-1/2/3.
-DEEPSPEED_OPTIMIZER_TYPES = {deepspeed_type(name): name for name in list_optimizers()}
-_REGISTRY_NAME_OF_TYPE = {type_name.lower(): name for type_name, name in DEEPSPEED_OPTIMIZER_TYPES.items()}
 #: Lower-cased types of DeepSpeed's own that are also the plain spelling of a registry optimizer (``lamb``).
 _SHADOWED_TYPES = {type_name[len(HF_CBLR_TYPE_PREFIX):].lower(): name for type_name, name in DEEPSPEED_OPTIMIZER_TYPES.items()
                    if type_name.startswith(HF_CBLR_TYPE_PREFIX)}
-#: What a type meant for hf_cblr starts with, once lower-cased and stripped of all but letters and digits: the prefix,
-#: or a registry method's acronym that DeepSpeed does not own.
-_OUR_TYPE_STEMS = (HF_CBLR_TYPE_PREFIX.lower(), *sorted({name.split("_")[0] for name in list_optimizers()}
-                                                        - DEEPSPEED_OWN_OPTIMIZER_TYPES))
-
-
-def _registry_name(type_name: str) -> str | None:
-    """The registry name of DeepSpeed ``"type"`` ``type_name``; None for a type that DeepSpeed builds (its own, or a
-    ``torch.optim`` class); ``ValueError`` naming the valid types for one that looks like ours but is none of them."""
-    name = _REGISTRY_NAME_OF_TYPE.get(type_name.lower())
-    if name is not None or type_name.lower() in DEEPSPEED_OWN_OPTIMIZER_TYPES or hasattr(torch.optim, type_name):
-        return name
-    if re.sub(r"[^a-z0-9]", "", type_name.lower()).startswith(_OUR_TYPE_STEMS):
-        raise ValueError(f"the DeepSpeed config's \"optimizer\" type {type_name!r} is not an hf_cblr optimizer; "
-                         f"valid types (any case): {sorted(DEEPSPEED_OPTIMIZER_TYPES)}")
-    return None
 
 
 def pop_optimizer_section(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
@@ -128,7 +97,7 @@ def pop_optimizer_section(config: dict[str, Any]) -> tuple[str, dict[str, Any]] 
     section = config.get("optimizer")
     if not section:
         return None
-    name = _registry_name(str(section.get("type", "")))
+    name = registry_name_of_type(str(section.get("type", "")))
     if name is None:
         return None
     params = section.get("params", {})

@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
+from hf_cblr.integrations.deepspeed_types import deepspeed_type, trainer_deepspeed_optimizer
 from hf_cblr.integrations.transformers import TRAINING_ARGUMENT_KEYS, check_optimizer_arguments, parse_optim_args
 from hf_cblr.optim.config import check_number
 from hf_cblr.optim.registry import get_optimizer_info, list_optimizers
@@ -58,7 +59,8 @@ class CBLRTrainingArguments(TrainingArguments):
         metadata={
             "help": "The initial learning rate. Default (None): for an hf_cblr optimizer, the learning rate the "
                     "registry recommends for it (measured in docs/study.md; an optimizer without one asks for "
-                    "learning_rate); for a stock optimizer, transformers' default 5e-5."
+                    "learning_rate), also where a DeepSpeed config's \"optimizer\" section names it; for a stock "
+                    "optimizer, transformers' default 5e-5."
         },
     )
     optim_args: str | None = field(
@@ -116,15 +118,18 @@ class CBLRTrainingArguments(TrainingArguments):
         ours = self.optim in list_optimizers()
         if not ours and self.optim not in STOCK_OPTIMIZERS:
             raise ValueError(f"optim={self.optim!r} is not valid; valid values: {OPTIM_CHOICES}")
-        # Without a learning rate, ours take the registry's recommendation; one without any is refused, after the
-        # other arguments are checked (so that their errors come first).
-        recommended = get_optimizer_info(self.optim).recommended_lr if ours else STOCK_DEFAULT_LEARNING_RATE
+        # Without a learning rate, ours take the registry's recommendation: that of the optimizer that will be built,
+        # the DeepSpeed config's hf_cblr section where there is one (its "auto" lr is filled from learning_rate in
+        # super().__post_init__), else optim's. One without any is refused, after the other arguments are checked (so
+        # that their errors come first).
+        built = self._optimizer_built() if self.learning_rate is None else None
+        recommended = get_optimizer_info(built).recommended_lr if built is not None else STOCK_DEFAULT_LEARNING_RATE
         missing_learning_rate = self.learning_rate is None and recommended is None
         if self.learning_rate is None:
             self.learning_rate = STOCK_DEFAULT_LEARNING_RATE if missing_learning_rate else recommended
-            if ours and not missing_learning_rate:
-                logger.info("learning_rate not given: optim=%r takes its recommended learning rate %g (docs/study.md)",
-                            self.optim, recommended)
+            if built is not None and not missing_learning_rate:
+                logger.info("learning_rate not given: %s takes its recommended learning rate %g (docs/study.md)",
+                            self._describe_optimizer(built), recommended)
         if ours:
             name, self.optim = self.optim, OptimizerNames.ADAMW_TORCH.value
             try:
@@ -150,8 +155,20 @@ class CBLRTrainingArguments(TrainingArguments):
         _check_choice("drop_scoring", self.drop_scoring, DROP_SCORINGS)
         if missing_learning_rate:
             with_lr = [name for name in list_optimizers() if get_optimizer_info(name).recommended_lr is not None]
-            raise ValueError(f"optim={self.optim!r} has no recommended learning rate (docs/study.md measured none that "
-                             f"fine-tunes well): give learning_rate (the optimizers with one: {with_lr})")
+            raise ValueError(f"{self._describe_optimizer(built)} has no recommended learning rate (docs/study.md measured "
+                             f"none that fine-tunes well): give learning_rate (the optimizers with one: {with_lr})")
+
+    def _optimizer_built(self) -> str | None:
+        """The registry name of the hf_cblr optimizer that training will build: that of the DeepSpeed config's
+        ``"optimizer"`` section (``deepspeed``, or the config of an ``accelerate launch`` with DeepSpeed), else
+        ``optim``; None for a stock optimizer."""
+        return trainer_deepspeed_optimizer(self.deepspeed) or (self.optim if self.optim in list_optimizers() else None)
+
+    def _describe_optimizer(self, name: str) -> str:
+        """Where hf_cblr optimizer ``name`` comes from, for messages: ``optim``, or the DeepSpeed config."""
+        if name == self.optim:
+            return f"optim={name!r}"
+        return f"the DeepSpeed config's \"optimizer\" type {deepspeed_type(name)!r} ({name})"
 
     @property
     def uses_hf_cblr_optimizer(self) -> bool:

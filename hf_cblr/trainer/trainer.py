@@ -7,9 +7,12 @@ decay/no-decay split (:meth:`~transformers.Trainer.get_decay_parameter_names`, `
 the decayed group) crossed with hf_cblr's adaptation mask (:func:`hf_cblr.param_groups`: biases
 and norm layers get no layer rate). What trains is checked to be ours when training starts
 (:class:`~hf_cblr.integrations.OptimizerCheckCallback`). Under DeepSpeed, a config section
-``"optimizer": {"type": "CBLR" | "MCLR" | "LARS", "params": {...}}`` is taken out of the config (DeepSpeed
+``"optimizer": {"type": T, "params": {...}}`` with ``T`` one of
+:data:`~hf_cblr.integrations.deepspeed.DEEPSPEED_OPTIMIZER_TYPES` (``"CBLR"``, ``"CBLRAdam"``, ``"MCLR"``,
+``"MCLRAdam"``, ``"LARS"``, ``"HfCblrLAMB"``: one per registry optimizer) is taken out of the config (DeepSpeed
 cannot build it) and built the same way, its ``params`` over ``optim_args`` (``"auto"`` values and the
-checks against the training arguments are transformers'); an optimizer instance passed as
+checks against the training arguments are transformers'; without ``learning_rate``, the lr is the one the registry
+recommends for ``T``); an optimizer instance passed as
 ``optimizers=`` is kept (transformers drops it, transformers#38753); the DeepSpeed config is made to
 keep the client optimizer under ZeRO-Offload (:func:`~hf_cblr.integrations.prepare_deepspeed_config`);
 and under ZeRO an estimator that cannot run on ZeRO partitions stops training at its start
@@ -58,6 +61,7 @@ The hooks live in :class:`CBLRMixin`, so that other ``Trainer`` subclasses get t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -71,6 +75,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import seed_worker
 from transformers.utils import is_datasets_available
 
+from hf_cblr.diagnostics.layer_stats import LayerStatsCallback
 from hf_cblr.hub import ModelCardCallback, save_trainer_model_card
 from hf_cblr.integrations.deepspeed import take_trainer_optimizer_section
 from hf_cblr.integrations.transformers import OptimizerCheckCallback, find_optimizer, prepare_deepspeed_config
@@ -101,7 +106,8 @@ class CBLRMixin:
     DeepSpeed; batch-size LR scaling), ``get_train_dataloader`` and ``set_initial_training_values``
     (the batch-size plan), ``get_batch_samples`` (per-step drop bookkeeping), ``compute_loss``
     (dropping; recording for the closure) and ``log``. Override :meth:`per_sample_loss` for losses
-    other than those of :func:`~hf_cblr.trainer.sample_selection.per_sample_loss`.
+    other than those of :func:`~hf_cblr.trainer.sample_selection.per_sample_loss`. With ``report_to`` set, a
+    :class:`~hf_cblr.diagnostics.LayerStatsCallback` puts the layer rates and curvatures in the reported logs.
     """
 
     args: CBLRTrainingArguments
@@ -110,6 +116,16 @@ class CBLRMixin:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, CBLRTrainingArguments):
             raise TypeError(f"{type(self).__name__} needs CBLRTrainingArguments, got {type(self.args).__name__}")
+        fsdp_requested = self.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if fsdp_requested and not self.is_fsdp_enabled:
+            raise ValueError(
+                "FSDP was requested (the fsdp training arguments, or an accelerate launch config with distributed_type "
+                f"FSDP), but Accelerate set up {self.accelerator.distributed_type}: it runs FSDP only on accelerators "
+                "(GPU, XPU, NPU, HPU, ...), and on CPU processes it drops the FSDP plugin and wraps the model in "
+                "DistributedDataParallel, unsharded. Train on accelerators, or on the CPU use DeepSpeed ZeRO "
+                "(configs/accelerate/deepspeed_zero*.yaml, DS_ACCELERATOR=cpu), DDP (configs/accelerate/cpu_2proc.yaml) "
+                "or torch.distributed.fsdp.fully_shard from code (docs/sharding.md)"
+            )
         self._client_optimizer, self._client_lr_scheduler = self.optimizer, self.lr_scheduler
         #: (registry name, kwargs) of the DeepSpeed config's hf_cblr "optimizer" section, taken out of the config
         self._config_optimizer = take_trainer_optimizer_section(
@@ -135,6 +151,8 @@ class CBLRMixin:
             self.loss_is_scaled_for_ga = True
         self.add_callback(RunSettingsCallback())
         self.add_callback(ModelCardCallback(self))  # the hf_cblr card in hub_strategy checkpoint pushes
+        if self.args.report_to:  # the reporting integrations (tensorboard, ...) get the per-layer rates and curvatures
+            LayerStatsCallback().attach(self)
         if self._expects_hf_cblr_optimizer():
             self.add_callback(OptimizerCheckCallback())
             if self.is_deepspeed_enabled:
