@@ -62,9 +62,10 @@ class LayerStatsCallback(TrainerCallback):
 
     The reporting integrations (``report_to``) are callbacks that the Trainer places before the ones given to it,
     and each writes a log when its turn comes: :meth:`attach` makes this callback the first, so that they write
-    these scalars. Usage::
+    these scalars. ``CBLRTrainer`` (and ``CBLRSFTTrainer``) attach it whenever ``report_to`` is set; with another
+    ``Trainer``::
 
-        trainer = CBLRTrainer(model=model, args=CBLRTrainingArguments("out", optim="mclr_adam", report_to="tensorboard"))
+        trainer = Trainer(model=model, args=args, optimizers=(hf_cblr.create_optimizer(model, "mclr_adam"), None))
         LayerStatsCallback().attach(trainer)
     """
 
