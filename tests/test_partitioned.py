@@ -29,14 +29,17 @@ SHAPES = [(5, 7), (7,), (3, 7), (3,), (4, 3)]  # odd sizes: layers cut across th
 
 
 class ThreadedSum:
-    """``all_reduce_sum`` over ``world`` threads: every thread gets the sum of all threads' tensors, in rank order."""
+    """``all_reduce_sum`` over ``world`` threads: every thread gets the sum of all threads' tensors, in rank order;
+    ``calls[rank]`` counts the all-reduces of each thread."""
 
     def __init__(self, world: int) -> None:
         self.barrier = threading.Barrier(world)
         self.slots: list[Tensor | None] = [None] * world
+        self.calls = [0] * world
 
     def for_rank(self, rank: int) -> SimpleNamespace:
         def all_reduce_sum(tensor: Tensor) -> Tensor:
+            self.calls[rank] += 1
             self.slots[rank] = tensor.clone()
             self.barrier.wait()
             total = sum(self.slots[1:], self.slots[0].clone())
@@ -154,6 +157,10 @@ def _run_ranks(world: int, work: Callable[[int], Any]) -> list[Any]:
 CASES = {
     "cblr": ("cblr", {"lr": 0.1, "curvature": "secant", "weight_decay": 0.01}),
     "cblr_adam": ("cblr_adam", {"lr": 1e-2, "curvature": "secant", "trust": 1.0, "weight_decay": 0.01}),
+    "cblr_nesterov": ("cblr", {"lr": 0.1, "curvature": "secant", "nesterov": True, "weight_decay": 0.01}),
+    "cblr_dampened": ("cblr", {"lr": 0.1, "curvature": "weight_norm", "dampening": 0.5}),
+    "cblr_no_momentum": ("cblr", {"lr": 0.1, "curvature": "secant", "momentum": 0.0, "weight_decay": 0.01}),
+    "mclr": ("mclr", {"lr": 0.1, "sample_size": 8, "weight_decay": 0.01}),
     "mclr_adam": ("mclr_adam", {"lr": 1e-2, "sample_size": 8, "weight_decay": 0.01}),
     "lars": ("lars", {"lr": 1.0, "weight_decay": 0.01}),
     "lamb": ("lamb", {"lr": 1e-2, "weight_decay": 0.01}),
@@ -161,10 +168,11 @@ CASES = {
 STEPS = 4
 
 
-def _partitioned_run(case: str, stage: int, world: int) -> tuple[list[Tensor], list[dict[str, Any]]]:
+def _partitioned_run(case: str, stage: int, world: int,
+                     distributor: ThreadedSum | None = None) -> tuple[list[Tensor], list[dict[str, Any]]]:
     name, kwargs = CASES[case]
     total = sum(math.prod(shape) for shape in SHAPES)
-    distributor = ThreadedSum(world)
+    distributor = ThreadedSum(world) if distributor is None else distributor
 
     def rank_work(rank: int) -> tuple[Tensor, dict[str, Any]]:
         buffer = torch.zeros(math.ceil(total / world) * world) if stage != 3 else None
@@ -220,6 +228,15 @@ def test_partitioned_step_equals_the_whole_layers_step(case: str, stage: int, wo
     partitioned, _ = _partitioned_run(case, stage, world)
     for got, expected in zip(partitioned, _whole_layers_run(case), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_one_all_reduce_per_step_and_partition(case: str) -> None:
+    """Every sum a step needs (the norms of the direction, the estimator's, the update's, MCLR's element samples) goes
+    over the ranks in one all-reduce per step of a partition, on every rank: none per layer, none after the rates."""
+    distributor = ThreadedSum(2)
+    _partitioned_run(case, stage=2, world=2, distributor=distributor)
+    assert distributor.calls == [STEPS, STEPS]
 
 
 def test_state_is_stored_in_the_partition_by_its_declared_kind() -> None:

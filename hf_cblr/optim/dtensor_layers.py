@@ -7,8 +7,9 @@ FSDP2 replaces every parameter of a sharded module by a DTensor placed ``Shard(0
 contiguous run of the flattened layer, a :class:`~hf_cblr.optim.types.LayerFragment`, and the step of one process runs
 on the shards as it does on DeepSpeed ZeRO's fragments (:mod:`hf_cblr.optim.partitioned`): every rank steps the same
 list of all layers, each as its local shard (``param.to_local()``, ``param.grad.to_local()``, flattened, possibly
-empty), with kernels whose per-layer norms and inner products are partial sums followed by one all-reduce of the vector
-of all layers (:func:`~hf_cblr.optim.partitioned.reducing_ops`), never DTensor's per-operator collectives. Then every
+empty), with local kernels: every per-layer sum the step needs (norms, inner products, MCLR's samples) is a partial
+sum over the shards, and the batch's :class:`~hf_cblr.optim.types.LayerSums` sums all of them in one all-reduce of one
+vector per param group and step, never DTensor's per-operator collectives. Then every
 rank holds the rates of one process and updates its own shards. Layers placed ``Replicate()`` are whole on every rank
 and stepped as one process steps them, in a batch of their own.
 
@@ -38,7 +39,7 @@ from hf_cblr.optim._tensor_ops import select_ops
 from hf_cblr.optim.estimators import CurvatureEstimator
 from hf_cblr.optim.param_groups import layer_names
 from hf_cblr.optim.partitioned import ProcessGroupDistributor, reducing_ops
-from hf_cblr.optim.types import LayerBatch, LayerFragment, StateKind, layer_batch
+from hf_cblr.optim.types import LayerBatch, LayerFragment, LayerSums, StateKind, layer_batch
 
 #: The attribute FSDP1 (``FullyShardedDataParallel``) sets on its flat parameters and on views of them
 #: (``torch.distributed.fsdp._common_utils.FSDP_FLATTENED``).
@@ -85,8 +86,8 @@ class DTensorLayers:
     """The DTensor layer source of a :class:`~hf_cblr.optim.cblr.CBLR` optimizer; every CBLR has one.
 
     :meth:`batches` returns None unless the param groups hold DTensors. Then it returns, per param group, one batch of
-    its ``Shard(0)`` layers (local shards flattened, :class:`~hf_cblr.optim.types.LayerFragment` s, norms summed over
-    the mesh: one all-reduce per ``norms``/``dot`` call, through :attr:`distributor`) and one of its ``Replicate()``
+    its ``Shard(0)`` layers (local shards flattened, :class:`~hf_cblr.optim.types.LayerFragment` s, the step's sums
+    summed over the mesh in one all-reduce through :attr:`distributor`) and one of its ``Replicate()``
     layers (whole, local kernels). The batches' state dicts hold the local tensors of the stored state;
     :meth:`store` puts what the step created or replaced back as DTensors (element state) or plain tensors.
     """
@@ -160,6 +161,7 @@ class DTensorLayers:
             group, locals_, grads, states, names=[names[j] for j, _ in layers],
             layer_ids=[first_layer_id + j for j, _ in layers], ndims=[param.ndim for _, param in layers],
             ops=reducing_ops(ops, self.distributor) if sharded else ops,
+            sums=LayerSums(ops, self.distributor.all_reduce_sum) if sharded else None,
             fragments=fragments if sharded else None, whole_layer_rows=sharded,
         )
 

@@ -17,11 +17,13 @@ A step composes three parts (:class:`StepParts`), each a small object with a dec
 
 Data flows one way. Per chunk of layers (:meth:`~hf_cblr.optim.types.LayerBatch.chunks`), the estimator's
 :meth:`prepare` returns its :class:`~hf_cblr.optim.types.Prelude` (with buffers it lends), the base forms the
-:class:`~hf_cblr.optim.types.Direction` in them; the estimator gets both back with the last update's norms and returns
-estimates; this function smooths them into the layer's curvature; the rule returns the rates; the base applies the
-update and returns its norms, which this function keeps for the next step; the estimator's :meth:`finish` closes
-the step. The per-layer state entries this function owns are ``step``, ``curvature`` and ``update_norm``
-(:data:`CORE_STATE_SCHEMA`); each part declares its own.
+:class:`~hf_cblr.optim.types.Direction` in them, and the estimator's :meth:`measure` adds what needs the direction.
+Each takes the sums over layer elements it needs through the batch's :class:`~hf_cblr.optim.types.LayerSums`, which
+are then reduced at one point (on fragments: one all-reduce per batch and step, ``docs/sharding.md``). The estimator
+gets the prelude and direction back with the last update's norms and returns estimates; this function smooths them
+into the layer's curvature; the rule returns the rates; the base applies the update and returns its norms, which this
+function keeps for the next step; the estimator's :meth:`finish` closes the step. The per-layer state entries this
+function owns are ``step``, ``curvature`` and ``update_norm`` (:data:`CORE_STATE_SCHEMA`); each part declares its own.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hf_cblr.optim._tensor_ops import chunk_elements, compute_dtype
+from hf_cblr.optim._tensor_ops import compute_dtype
 from hf_cblr.optim.directions import BaseDirection
 from hf_cblr.optim.estimators import CurvatureEstimator
 from hf_cblr.optim.rates import RateRule
@@ -82,7 +84,7 @@ def cblr_step(batches: list[LayerBatch], parts: StepParts, *, step: int, closure
         return _step_together(batches, parts, step, closure, estimate)
     stats: list[LayerStats] = []
     for batch in batches:
-        for chunk in batch.chunks(chunk_elements(batch.params)):
+        for chunk in batch.chunks(batch.ops.chunk_elements(batch.params)):
             stats += _step_together([chunk], parts, step, None, estimate)[1]
     return None, stats
 
@@ -92,13 +94,15 @@ def _step_together(batches: list[LayerBatch], parts: StepParts, step: int, closu
     estimator, base = parts.estimator, parts.direction
     prepared: list[tuple[list[LayerBatch], list[Prelude], list[Direction]]] = []
     for batch in batches:
-        chunks = batch.chunks(chunk_elements(batch.params))
+        chunks = batch.chunks(batch.ops.chunk_elements(batch.params))
         preludes, directions = [], []
         for chunk in chunks:
             prelude = estimator.prepare(chunk)
             steps = _stacked(chunk, "step").tolist() if base.needs_step_counts else None
-            directions.append(base.direction(chunk, prelude.workspace, steps, gains=estimator.needs_preconditioner_gains))
-            preludes.append(prelude)
+            direction = base.direction(chunk, prelude.workspace, steps, gains=estimator.needs_preconditioner_gains)
+            directions.append(direction)
+            preludes.append(estimator.measure(chunk, direction, prelude) if estimate else prelude)
+        batch.sums.reduce()  # on fragments: every sum of the batch's step, in one all-reduce
         prepared.append((chunks, preludes, directions))
     loss = None
     if estimate:

@@ -3,11 +3,12 @@ the BF16 optimizer). How and why, with the figures: ``docs/zero.md``.
 
 In short: ZeRO gives each rank a contiguous slice of a flattened param group, so a layer may be cut across ranks.
 Every rank builds the same list of *all* layers of the partition it steps, each with the :class:`LayerFragment` of it
-in the local slice (possibly empty), and steps them with kernels whose norms and inner products are summed over the
-ranks (:func:`reducing_ops`, one ``all_reduce`` per call), so every rank computes the rates of one process and applies
-them to its own fragments. State lives with the partition, by the kind each entry declares
-(:class:`~hf_cblr.optim.types.StateKind`): element state as one flat tensor shaped like the partition, per-layer
-scalars as ``[num_layers]`` vectors under ``state["layers"]``, per-layer rows under ``state["layer_rows"]``.
+in the local slice (possibly empty), and steps them with local kernels; the per-layer sums the step needs (norms, inner
+products, MCLR's samples) are partial sums over the fragments, which the batch's
+:class:`~hf_cblr.optim.types.LayerSums` sums over the ranks in one ``all_reduce`` per partition and step, so every rank
+computes the rates of one process and applies them to its own fragments. State lives with the partition, by the kind
+each entry declares (:class:`~hf_cblr.optim.types.StateKind`): element state as one flat tensor shaped like the
+partition, per-layer scalars as ``[num_layers]`` vectors under ``state["layers"]``, per-layer rows under ``state["layer_rows"]``.
 
 Where the layers lie is a :class:`PartitionLayout`: :class:`DeepSpeedLayout` reads the attributes DeepSpeed sets on
 the parameters (``_hp_mapping``, ``_dp_group``; stage 3: ``ds_id``, ``ds_shape``, ``ds_numel``,
@@ -29,7 +30,7 @@ from torch import Tensor
 from hf_cblr.optim._tensor_ops import ForeachTensorListOps, TensorListOps, select_ops
 from hf_cblr.optim.estimators import CurvatureEstimator
 from hf_cblr.optim.param_groups import layer_names
-from hf_cblr.optim.types import LayerBatch, LayerFragment, StateKind, layer_batch
+from hf_cblr.optim.types import LayerBatch, LayerFragment, LayerSums, StateKind, layer_batch
 
 #: ``state[partition]["layers"]``: the per-layer scalars of a flat partition, one ``[num_layers]`` vector each.
 LAYERS_KEY = "layers"
@@ -60,7 +61,9 @@ class ProcessGroupDistributor:
 
 
 class _ReducingOps(TensorListOps):
-    """Per-layer norms and inner products of whole layers from this rank's fragments."""
+    """Per-layer norms and inner products of whole layers from this rank's fragments, one all-reduce per call: for a
+    part of the step that calls ``ops.norms`` or ``ops.dot`` instead of taking its sums through the batch's
+    :class:`~hf_cblr.optim.types.LayerSums` (which every part shipped with the package does)."""
 
     distributor: Distributor
 
@@ -296,6 +299,7 @@ class PartitionedLayers:
                 layer_ids=[partition.record.first_layer_id + f.index for f in partition.fragments],
                 ndims=[len(f.shape) for f in partition.fragments],
                 ops=reducing_ops(select_ops(foreach, [flat]), partition.distributor),
+                sums=LayerSums(select_ops(foreach, [flat]), partition.distributor.all_reduce_sum),
                 fragments=partition.fragments,
             ))
         if rates_need_all_layers:

@@ -5,6 +5,8 @@ optimizer, its estimators and its layer sources depend on it and not on each oth
 - :class:`LayerBatch`: the layers of one param group that a step updates (whole layers, or under ZeRO their
   local fragments), in fp32, with their state dicts;
 - :class:`LayerFragment`: the part of one layer that lives in a rank's flat partition;
+- :class:`LayerSums`: the sums over each layer's elements that a step of a batch needs, reduced over the ranks at
+  one point, in one all-reduce, where the layers are cut into fragments;
 - :class:`StateKind`: how each per-layer state entry is shaped, which the optimizer and its estimator declare
   (``state_schema``) so that a layer source can store it without guessing from shapes.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from itertools import chain, pairwise
 from typing import Any
@@ -87,15 +89,66 @@ def concat_per_layer(parts: list[Any]) -> Any:
     return type(parts[0])(**values)
 
 
+class LayerSums:
+    r"""The sums over each layer's elements that one step of a batch needs, reduced over the ranks in one all-reduce.
+
+    The parts of the step (the estimator's :meth:`prepare` and :meth:`measure`, the base's :meth:`direction`) take
+    the norms, inner products and gathered samples they need on the batch's local tensors, through :meth:`norms`,
+    :meth:`dots` and :meth:`add`, and keep the tensors these return. On whole layers those are the values, and
+    :meth:`reduce` has nothing to do. On fragments (ZeRO partitions, FSDP2 shards) they are this rank's partial sums
+    until the step calls :meth:`reduce`, once, after every direction is formed: one all-reduce of their concatenation
+    (norms as squares, :math:`|x|^2 = \sum_r |x_r|^2`) writes the sums over the whole layers back into them, in
+    place. A part therefore reads them, and derives anything from them, only after the reduction: in
+    :meth:`~hf_cblr.optim.estimators.CurvatureEstimator.estimate` and in the update (``docs/sharding.md``, "How many
+    collectives").
+    """
+
+    def __init__(self, kernels: TensorListOps, all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> None:
+        #: the local kernels the sums are taken with
+        self.kernels = kernels
+        #: sums a vector over the ranks that share the layers, in place (None: whole layers, nothing to reduce)
+        self.all_reduce_sum = all_reduce_sum
+        self._pending: list[tuple[Tensor, bool]] = []
+
+    def norms(self, xs: Sequence[Tensor]) -> Tensor:
+        """The 2-norm of every tensor of ``xs`` (one vector); on fragments, after :meth:`reduce`."""
+        return self._register(self.kernels.norms(xs), is_norm=True)
+
+    def dots(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+        """The inner product of every pair of ``xs`` and ``ys`` (one vector); on fragments, after :meth:`reduce`."""
+        return self._register(self.kernels.dot(xs, ys), is_norm=False)
+
+    def add(self, partial: Tensor) -> Tensor:
+        """``partial`` (any shape), to be summed over the ranks by :meth:`reduce`, in place; returns it."""
+        return self._register(partial, is_norm=False)
+
+    def reduce(self) -> None:
+        """Sum every pending partial over the ranks, in one all-reduce; nothing on whole layers."""
+        pending, self._pending = self._pending, []
+        if self.all_reduce_sum is None or not pending:
+            return
+        flat = torch.cat([(value.square() if is_norm else value).reshape(-1) for value, is_norm in pending])
+        self.all_reduce_sum(flat)
+        for (value, is_norm), total in zip(pending, flat.split([value.numel() for value, _ in pending]), strict=True):
+            value.copy_((total.sqrt() if is_norm else total).view(value.shape))
+
+    def _register(self, value: Tensor, *, is_norm: bool) -> Tensor:
+        if self.all_reduce_sum is not None and value.numel():
+            self._pending.append((value, is_norm))
+        return value
+
+
 @dataclass
 class LayerBatch:
     """The layers of one param group that have a gradient this step, in fp32 (fp64 layers in fp64): a step's inputs.
 
     Under DeepSpeed ZeRO ``params`` are 1-D fragments of the layers, described by ``fragments``
     (None: whole layers). ``decay`` is each layer's weight decay :math:`\\beta` (0 outside the weight decay mask),
-    ``adapt`` whether it is in the adaptation mask. ``ops`` are the kernels the step runs on these layers (their
-    norms reduced over the ranks under ZeRO). Nothing writes into a batch: every part of the step returns its
-    results (:class:`Direction`, :class:`Prelude`, estimates, rates).
+    ``adapt`` whether it is in the adaptation mask. ``ops`` are the kernels the step runs on these layers (on
+    fragments their ``norms`` and ``dot`` are summed over the ranks, one all-reduce per call, for parts outside the
+    step's plan); ``sums`` takes the per-layer sums the step's parts need and reduces them once (:class:`LayerSums`).
+    Nothing else writes into a batch: every part of the step returns its results (:class:`Direction`,
+    :class:`Prelude`, estimates, rates).
     """
 
     group: dict[str, Any]
@@ -108,6 +161,7 @@ class LayerBatch:
     decay: Tensor
     adapt: Tensor
     ops: TensorListOps
+    sums: LayerSums
     fragments: list[LayerFragment] | None = None
     #: On fragments, :attr:`StateKind.ROW` state holds the whole layer's row on every rank (DTensor shards, whose
     #: checkpoints DCP reshards) instead of the fragment's part of it (ZeRO partitions).
@@ -155,15 +209,23 @@ class Direction:
 
     The step of layer :math:`l` is :math:`-\eta\, r_l\, u_l` with :math:`u_l = k_l\, d_l`: ``tensors`` hold
     :math:`d_l` and ``scales`` the :math:`k_l` (None: all 1), so per-layer factors cost no pass over the layer.
-    ``grad_norms`` are :math:`|g_l|` and ``norms`` :math:`|u_l|` where the base computes them (None: not computed).
-    Its methods are the base's preconditioner :math:`P` (the identity for momentum SGD), which the estimators
-    apply without knowing which base they run on.
+    ``grad_norms`` are :math:`|g_l|` and ``tensor_norms`` :math:`|d_l|` where the base computes them (None: not
+    computed), both from the batch's :class:`LayerSums` (read them after its reduction); :attr:`norms` is
+    :math:`|u_l|`. Its methods are the base's preconditioner :math:`P` (the identity for momentum SGD), which the
+    estimators apply without knowing which base they run on.
     """
 
     tensors: TensorList
     grad_norms: Tensor
     scales: Tensor | None = None
-    norms: Tensor | None = None
+    tensor_norms: Tensor | None = None
+
+    @property
+    def norms(self) -> Tensor | None:
+        """:math:`|u_l| = k_l |d_l|` (None where the base does not compute :math:`|d_l|`)."""
+        if self.tensor_norms is None or self.scales is None:
+            return self.tensor_norms
+        return self.tensor_norms * self.scales.to(self.tensor_norms.device)
 
     def gains(self) -> Tensor | float:
         r"""The preconditioner's gain :math:`|P \hat m| / |\hat m|` per layer (1: the identity)."""
@@ -211,10 +273,13 @@ class EstimateInput:
 
 def layer_batch(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], *,
                  names: list[str], layer_ids: list[int], ndims: list[int], ops: TensorListOps,
-                 fragments: list[LayerFragment] | None = None, whole_layer_rows: bool = False) -> LayerBatch:
+                 sums: LayerSums | None = None, fragments: list[LayerFragment] | None = None,
+                 whole_layer_rows: bool = False) -> LayerBatch:
     """The batch of one group's layers: ``params`` are the layers, or under ZeRO their local ``fragments``
     (:mod:`hf_cblr.optim.partitioned`) or DTensor shards (:mod:`hf_cblr.optim.dtensor_layers`), whose layers have
-    ``ndims`` dimensions (the masks' default); ``whole_layer_rows``: see :attr:`LayerBatch.whole_layer_rows`."""
+    ``ndims`` dimensions (the masks' default); ``sums``: the step's sums, reduced over the ranks of the fragments
+    (None: whole layers, :class:`LayerSums` of ``ops`` with nothing to reduce); ``whole_layer_rows``: see
+    :attr:`LayerBatch.whole_layer_rows`."""
     device = params[0].device
     vector_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     return LayerBatch(
@@ -229,6 +294,7 @@ def layer_batch(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
                            device=device, dtype=vector_dtype),
         adapt=torch.tensor([in_mask(group["adaptation_mask"], n) for n in ndims], device=device),
         ops=ops,
+        sums=LayerSums(ops) if sums is None else sums,
         fragments=fragments,
         whole_layer_rows=whole_layer_rows,
     )

@@ -13,9 +13,13 @@ iteration ``w <- w - lr r P g`` is governed by the spectrum of ``P H``, so every
 estimator knows which base it runs on. See ``docs/algorithm.md``.
 
 A step calls, per batch of layers: :meth:`CurvatureEstimator.prepare` (before the direction; it may lend buffers),
-then :meth:`~CurvatureEstimator.estimate` with every batch's :class:`~hf_cblr.optim.types.EstimateInput`, then, once
-the update is applied, :meth:`~CurvatureEstimator.finish`. Add an estimator with one file: subclass
-:class:`CurvatureEstimator` and decorate it with :func:`register_curvature_estimator` (``docs/architecture.md``).
+:meth:`~CurvatureEstimator.measure` (after it), then, once the batch's sums are reduced
+(:class:`~hf_cblr.optim.types.LayerSums`), :meth:`~CurvatureEstimator.estimate` with every batch's
+:class:`~hf_cblr.optim.types.EstimateInput`, then, once the update is applied, :meth:`~CurvatureEstimator.finish`.
+An estimator takes the sums over a layer's elements it needs in :meth:`prepare` or :meth:`measure`, through
+``batch.sums``, and reads them in :meth:`estimate`: on fragments all of them are then reduced in one all-reduce.
+Add an estimator with one file: subclass :class:`CurvatureEstimator` and decorate it with
+:func:`register_curvature_estimator` (``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from torch import Tensor
 
 from hf_cblr._registry import Registry
-from hf_cblr.optim.types import Closure, EstimateInput, LayerBatch, Prelude, StateKind
+from hf_cblr.optim.types import Closure, Direction, EstimateInput, LayerBatch, Prelude, StateKind
 
 AGGREGATES = ("mean", "median")
 
@@ -63,8 +67,14 @@ class CurvatureEstimator:
     def prepare(self, batch: LayerBatch) -> Prelude:
         """Called with each batch before the base direction is formed: measure here what the estimator keeps from
         the last step, and lend buffers to the direction (``Prelude.workspace``). The prelude comes back in
-        :meth:`estimate` and :meth:`finish`."""
+        :meth:`measure`, :meth:`estimate` and :meth:`finish`."""
         return Prelude([None] * len(batch))
+
+    def measure(self, batch: LayerBatch, direction: Direction, prelude: Prelude) -> Prelude:
+        """Called with each batch once its direction is formed, on the steps that estimate: take here the sums that
+        need the direction (``batch.sums``; read them in :meth:`estimate`). Returns the prelude that
+        :meth:`estimate` gets (``prelude`` itself when there is nothing to add)."""
+        return prelude
 
     def estimate(self, inputs: list[EstimateInput], closure: Closure | None, step: int) -> list[Tensor]:
         raise NotImplementedError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,9 +15,18 @@ from hf_cblr.optim.types import Closure, EstimateInput, LayerBatch, Prelude, Sta
 
 @dataclass
 class SecantPrelude(Prelude):
-    """``|g_t - g_{t-1}|`` per layer, NaN where there is no previous gradient."""
+    """Which layers have a previous gradient (``continuing``), and their ``|g_t - g_{t-1}|`` (``continuing_norms``, from the
+    batch's sums: read :attr:`grad_change_norms` once they are reduced)."""
 
-    grad_change_norms: Tensor
+    continuing: Tensor
+    continuing_norms: Tensor
+
+    @property
+    def grad_change_norms(self) -> Tensor:
+        """``|g_t - g_{t-1}|`` per layer, NaN where there is no previous gradient."""
+        norms = torch.full(self.continuing.shape, math.nan, device=self.continuing.device)
+        norms[self.continuing] = self.continuing_norms.to(norms)
+        return norms
 
 
 @register_curvature_estimator
@@ -39,16 +49,14 @@ class SecantCurvature(CurvatureEstimator):
     state_schema: ClassVar[dict[str, StateKind]] = {"prev_grad": StateKind.ELEMENT}
 
     def prepare(self, batch: LayerBatch) -> SecantPrelude:
-        has_previous = [i for i, state in enumerate(batch.states) if "prev_grad" in state]
-        grad_change_norms = batch.no_estimates()
+        continuing = ["prev_grad" in state for state in batch.states]
+        has_previous = [i for i, known in enumerate(continuing) if known]
+        previous = [batch.states[i]["prev_grad"] for i in has_previous]
+        batch.ops.sub_(previous, [batch.grads[i] for i in has_previous])  # sign is irrelevant to the norm
         workspace: list[Tensor | None] = [None] * len(batch)
-        if has_previous:
-            previous = [batch.states[i]["prev_grad"] for i in has_previous]
-            batch.ops.sub_(previous, [batch.grads[i] for i in has_previous])  # sign is irrelevant to the norm
-            grad_change_norms[has_previous] = batch.ops.norms(previous).to(grad_change_norms.dtype)
-            for i, buffer in zip(has_previous, previous, strict=True):
-                workspace[i] = buffer
-        return SecantPrelude(workspace, grad_change_norms)
+        for i, buffer in zip(has_previous, previous, strict=True):
+            workspace[i] = buffer
+        return SecantPrelude(workspace, torch.tensor(continuing, device=batch.decay.device), batch.sums.norms(previous))
 
     def estimate(self, inputs: list[EstimateInput], closure: Closure | None, step: int) -> list[Tensor]:
         estimates = []

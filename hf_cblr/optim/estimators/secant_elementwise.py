@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from hf_cblr.optim._tensor_ops import TensorList
 from hf_cblr.optim.estimators.base import CurvatureEstimator, register_curvature_estimator
-from hf_cblr.optim.types import Closure, Direction, EstimateInput, LayerBatch, StateKind
+from hf_cblr.optim.types import Closure, Direction, EstimateInput, LayerBatch, Prelude, StateKind
 
 #: Elements whose weight change is below this fraction of the layer's mean |dw| carry no secant
 #: information and are ignored by the element-wise estimators.
@@ -26,6 +27,14 @@ class FragmentSample(NamedTuple):
     local: Tensor
     #: elements in the layer's whole sample: ``min(numel, sample_size)``
     size: int
+
+
+@dataclass
+class SamplePrelude(Prelude):
+    """On fragments: this rank's part of the batch's samples (:meth:`ElementwiseSecantCurvature.measure`), from the
+    batch's sums: the whole samples once they are reduced."""
+
+    samples: Tensor
 
 
 @register_curvature_estimator
@@ -50,10 +59,24 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
         super().__init__(**kwargs)
         self._fragment_samples: dict[tuple[int, int, int], FragmentSample] = {}
 
+    def measure(self, batch: LayerBatch, direction: Direction, prelude: Prelude) -> Prelude:
+        """On fragments: this rank's part of the layers' samples, summed over the ranks with the step's other sums
+        (:meth:`_fragment_changes`, :meth:`_shard_samples`); on whole layers nothing."""
+        if batch.fragments is None:
+            return prelude
+        partial = self._shard_samples(batch, direction) if batch.whole_layer_rows else self._fragment_changes(batch, direction)
+        return SamplePrelude(prelude.workspace, batch.sums.add(partial))
+
     def estimate(self, inputs: list[EstimateInput], closure: Closure | None, step: int) -> list[Tensor]:
-        return [self._estimate(x.batch, x.direction) if x.batch.fragments is None
-                else self._estimate_on_shards(x.batch, x.direction) if x.batch.whole_layer_rows
-                else self._estimate_on_fragments(x.batch, x.direction) for x in inputs]
+        estimates = []
+        for x in inputs:
+            if x.batch.fragments is None:
+                estimates.append(self._estimate(x.batch, x.direction))
+                continue
+            assert isinstance(x.prelude, SamplePrelude)
+            estimates.append(self._estimate_on_shards(x.batch, x.prelude.samples) if x.batch.whole_layer_rows
+                             else self._estimate_on_fragments(x.batch, x.prelude.samples))
+        return estimates
 
     def _estimate(self, batch: LayerBatch, direction: Direction) -> Tensor:
         """One process, whole layers: the layers of similar sample length as one padded matrix."""
@@ -77,64 +100,72 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
         moved = weight_change > NEGLIGIBLE_STEP_FRACTION * weight_change.mean()
         return self._aggregate(grad_change[moved] / weight_change[moved])
 
-    def _estimate_on_fragments(self, batch: LayerBatch, direction: Direction) -> Tensor:
-        r"""The estimates of the whole layers from this rank's fragments: those of one process, to float rounding.
+    def _fragment_changes(self, batch: LayerBatch, direction: Direction) -> Tensor:
+        r"""This rank's part of the element changes of every sampled layer, for :meth:`_estimate_on_fragments`.
 
         The rank keeps the previous gradient and weight at the sampled positions of its fragments only.
         It writes :math:`P_i |\Delta g_i|` and :math:`|\Delta w_i|` of those positions, at their slots in
         their layer's sample, into one zero vector ``[P|dg| of sample 1, |dw| of sample 1, P|dg| of
-        sample 2, ...]`` of all the batch's layers, and one all-reduce sums it over the ranks. Every
-        sampled position lies in exactly one rank's fragment, so each entry is ``x + 0 + ... + 0 = x``:
-        every rank then holds the samples one process measures, in the same order, and aggregates them
-        as one process does (per layer here; :meth:`_estimate` batches the layers and divides instead of
-        multiplying by the preconditioner's reciprocal, so the two differ by rounding, about 1e-7 relative).
+        sample 2, ...]`` of the batch's layers that have a previous sample (the same layers on every rank: they all
+        started at the partition's first step). Every sampled position lies in exactly one rank's fragment, so once
+        summed over the ranks each entry is ``x + 0 + ... + 0 = x``.
+        """
+        samples = [self._fragment_sample(batch, i) for i in range(len(batch))]
+        continuing = [i for i, state in enumerate(batch.states) if "sample_prev_grad" in state]
+        offsets = _offsets([2 * samples[i].size for i in continuing])
+        measured = torch.zeros(offsets[-1], dtype=torch.float32, device=batch.decay.device)
+        for i, offset in zip(continuing, offsets, strict=False):
+            slots, local, size = samples[i]
+            state = batch.states[i]
+            grad_change = (batch.grads[i][local] - state["sample_prev_grad"]).abs_() * direction.preconditioner_at(i, local)
+            measured[offset + slots] = grad_change
+            measured[offset + size + slots] = (batch.weights[i][local] - state["sample_prev_weight"]).abs_()
+        return measured
+
+    def _estimate_on_fragments(self, batch: LayerBatch, measured: Tensor) -> Tensor:
+        r"""The estimates of the whole layers from the changes :meth:`_fragment_changes` wrote, summed over the ranks:
+        every rank holds the samples one process measures, in the same order, and aggregates them as one process
+        does (per layer here; :meth:`_estimate` batches the layers and divides instead of multiplying by the
+        preconditioner's reciprocal, so the two differ by rounding, about 1e-7 relative). Then the rank keeps its
+        fragments' part of the samples.
         """
         estimate = batch.no_estimates()
         samples = [self._fragment_sample(batch, i) for i in range(len(batch))]
         continuing = [i for i, state in enumerate(batch.states) if "sample_prev_grad" in state]
-        if continuing:  # the same layers on every rank: they all started at the partition's first step
-            offsets = [0]
-            for i in continuing:
-                offsets.append(offsets[-1] + 2 * samples[i].size)
-            measured = torch.zeros(offsets[-1], dtype=torch.float32, device=batch.decay.device)
-            for i, offset in zip(continuing, offsets[:-1], strict=True):
-                slots, local, size = samples[i]
-                state = batch.states[i]
-                grad_change = (batch.grads[i][local] - state["sample_prev_grad"]).abs_() * direction.preconditioner_at(i, local)
-                measured[offset + slots] = grad_change
-                measured[offset + size + slots] = (batch.weights[i][local] - state["sample_prev_weight"]).abs_()
-            batch.ops.all_reduce_sum(measured)
-            for i, offset in zip(continuing, offsets[:-1], strict=True):
-                size = samples[i].size
-                grad_change, weight_change = measured[offset: offset + 2 * size].split(size)
-                estimate[i] = self._secant(grad_change, weight_change) + batch.decay[i]
+        for i, offset in zip(continuing, _offsets([2 * samples[i].size for i in continuing]), strict=False):
+            size = samples[i].size
+            grad_change, weight_change = measured[offset: offset + 2 * size].split(size)
+            estimate[i] = self._secant(grad_change, weight_change) + batch.decay[i]
         for i, state in enumerate(batch.states):
             state["sample_prev_grad"] = batch.grads[i][samples[i].local]
             state["sample_prev_weight"] = batch.weights[i][samples[i].local]
         return estimate
 
-    def _estimate_on_shards(self, batch: LayerBatch, direction: Direction) -> Tensor:
-        r"""As :meth:`_estimate_on_fragments`, with every rank keeping the whole layer's sample (DTensor shards).
+    def _shard_samples(self, batch: LayerBatch, direction: Direction) -> Tensor:
+        r"""This rank's part of the whole samples of every layer, for :meth:`_estimate_on_shards` (DTensor shards).
 
         Each rank writes :math:`g_i`, :math:`w_i` and :math:`P_i` of the sampled positions in its fragment, at their
         slots in their layer's sample, into one zero vector ``[g of sample 1, w of sample 1, P of sample 1, g of
-        sample 2, ...]`` of all the batch's layers; one all-reduce (sum, each entry ``x + 0 + ... + 0 = x``) gives every
-        rank the whole samples one process sees, and every rank keeps them as the layer's previous sample. The rows
-        are then the same on every rank and do not depend on the world size, so a checkpoint of them can be loaded
-        at another one. Costs :math:`3 \sum_l \min(n_l, \text{sample\_size})` values per step (the fragment path: 2).
+        sample 2, ...]`` of all the batch's layers; summed over the ranks (each entry ``x + 0 + ... + 0 = x``) it gives
+        every rank the whole samples one process sees. Costs :math:`3 \sum_l \min(n_l, \text{sample\_size})` values
+        per step (the fragment path: 2).
         """
-        estimate = batch.no_estimates()
         samples = [self._fragment_sample(batch, i) for i in range(len(batch))]
-        offsets = [0]
-        for sample in samples:
-            offsets.append(offsets[-1] + 3 * sample.size)
+        offsets = _offsets([3 * sample.size for sample in samples])
         gathered = torch.zeros(offsets[-1], dtype=torch.float32, device=batch.decay.device)
-        for i, ((slots, local, size), offset) in enumerate(zip(samples, offsets[:-1], strict=True)):
+        for i, ((slots, local, size), offset) in enumerate(zip(samples, offsets, strict=False)):
             gathered[offset + slots] = batch.grads[i][local]
             gathered[offset + size + slots] = batch.weights[i][local]
             gathered[offset + 2 * size + slots] = direction.preconditioner_at(i, local)
-        batch.ops.all_reduce_sum(gathered)
-        for i, ((_, _, size), offset) in enumerate(zip(samples, offsets[:-1], strict=True)):
+        return gathered
+
+    def _estimate_on_shards(self, batch: LayerBatch, gathered: Tensor) -> Tensor:
+        """The estimates from the whole samples :meth:`_shard_samples` wrote, summed over the ranks, as
+        :meth:`_estimate_on_fragments`; every rank keeps them as the layer's previous sample. The rows are then the
+        same on every rank and do not depend on the world size, so a checkpoint of them can be loaded at another one."""
+        estimate = batch.no_estimates()
+        sizes = [self._fragment_sample(batch, i).size for i in range(len(batch))]
+        for i, (size, offset) in enumerate(zip(sizes, _offsets([3 * size for size in sizes]), strict=False)):
             grad, weight, preconditioner = gathered[offset: offset + 3 * size].split(size)
             state = batch.states[i]
             if "sample_prev_grad" in state:
@@ -172,6 +203,14 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
         steps = (_padded(weights) - _padded([batch.states[i]["sample_prev_weight"] for i in rows])).abs_()
         moved = steps > NEGLIGIBLE_STEP_FRACTION * steps.nanmean(dim=1, keepdim=True)
         return torch.where(moved, grad_change / steps, math.nan)
+
+
+def _offsets(lengths: list[int]) -> list[int]:
+    """Where each of consecutive runs of ``lengths`` starts, then where the last ends (``len(lengths) + 1`` values)."""
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    return offsets
 
 
 def _similar_lengths(indices: list[int], lengths: list[int]) -> list[list[int]]:

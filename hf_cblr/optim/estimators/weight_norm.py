@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from hf_cblr.optim.estimators.base import CurvatureEstimator, nan_where, register_curvature_estimator
-from hf_cblr.optim.types import Closure, EstimateInput
+from hf_cblr.optim.types import Closure, Direction, EstimateInput, LayerBatch, Prelude
+
+
+@dataclass
+class WeightNormPrelude(Prelude):
+    """``|w|`` per layer (from the batch's sums: read it once they are reduced)."""
+
+    weight_norms: Tensor
 
 
 @register_curvature_estimator
@@ -13,15 +22,20 @@ class WeightNormCurvature(CurvatureEstimator):
     """``c = (|g| + beta |w|) / |w|`` (SGD base, CBLR = LARS) or ``c = |u| / |w|`` (Adam base, CBLR = LAMB).
 
     The curvature of a quadratic whose minimum is at the origin: the gradient there is ``c w``. The numerator is
-    the direction's :meth:`~hf_cblr.optim.types.Direction.trust_numerators`.
+    the direction's :meth:`~hf_cblr.optim.types.Direction.trust_numerators`. ``|w|`` is taken in :meth:`measure`,
+    with the step's other sums.
     """
 
     name = "weight_norm"
 
+    def measure(self, batch: LayerBatch, direction: Direction, prelude: Prelude) -> WeightNormPrelude:
+        return WeightNormPrelude(prelude.workspace, batch.sums.norms(batch.weights))
+
     def estimate(self, inputs: list[EstimateInput], closure: Closure | None, step: int) -> list[Tensor]:
         estimates = []
         for x in inputs:
-            weight_norms = x.batch.ops.norms(x.batch.weights)
+            assert isinstance(x.prelude, WeightNormPrelude)
+            weight_norms = x.prelude.weight_norms
             numerators = x.direction.trust_numerators(weight_norms, x.batch.decay)
             estimates.append(nan_where(numerators / weight_norms, weight_norms == 0))
         return estimates
