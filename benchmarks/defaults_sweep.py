@@ -24,12 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The learning rate of each optimizer in the sweep: the base optimizer's, which the layers outside the
 #: adaptation mask (biases, norm layers: rate 1) train with. CBLR's adapted layers step ``lr * trust / c_l``
 #: times the base direction, so ``lr * trust`` is the fraction of each layer's Newton step taken: with the
-#: Adam base's ``lr = 1e-4`` that fraction needs ``trust`` in the hundreds (its grid in :data:`TRUSTS`).
-#: MCLR's rate is relative to the median layer, so its ``trust`` is dimensionless.
+#: Adam base's ``lr = 1e-4`` that fraction needs ``trust`` in the hundreds. MCLR's rate is relative to the median layer,
+#: and so is that of the registry's ``cblr_adam`` (``rate_rule="median"``): their ``trust`` is dimensionless.
 LEARNING_RATES = {"adamw_torch": 1e-4, "cblr": 0.1, "mclr": 0.1, "cblr_adam": 1e-4, "mclr_adam": 1e-4}
 #: The trust grid of each optimizer (``--trusts`` replaces them all): lr * trust from 1e-3 to 0.1 for CBLR.
-TRUSTS = {"cblr": (0.01, 0.1, 1.0), "mclr": (0.01, 0.1, 1.0), "cblr_adam": (10.0, 100.0, 1000.0),
-          "mclr_adam": (0.01, 0.1, 1.0)}
+TRUSTS = {"cblr": (0.01, 0.1, 1.0), "mclr": (0.01, 0.1, 1.0), "cblr_adam": (0.3, 1.0, 3.0), "mclr_adam": (0.01, 0.1, 1.0)}
 #: The recipe of every run (scripts/finetune.py's arguments): a fixed batch, no ramp, no dropping, no probes.
 SWEEP_RECIPE = {"per_device_train_batch_size": 32, "lr_scheduler_type": "linear", "warmup_steps": 0.1,
                 "weight_decay": 0.01, "eval_strategy": "no", "logging_steps": 1000, "probe_interval": 0}

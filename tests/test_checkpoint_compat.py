@@ -13,6 +13,8 @@ from fixtures.make_checkpoints import FIXTURE, STEPS_AFTER_SAVE, STEPS_BEFORE_SA
 from hf_cblr.optim import list_optimizers
 
 CHECKPOINTS = torch.load(FIXTURE, weights_only=False)["checkpoints"]
+#: The settings whose defaults changed since the fixture was saved: a resume names them, as a user's would.
+V0_DEFAULTS = {"cblr_adam": {"curvature": "secant_denoised", "rate_rule": "inverse_curvature"}}
 
 
 def test_the_fixture_covers_every_registry_optimizer() -> None:
@@ -22,10 +24,21 @@ def test_the_fixture_covers_every_registry_optimizer() -> None:
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_a_saved_checkpoint_continues_bit_exactly(name: str) -> None:
     saved = CHECKPOINTS[name]
-    model, optimizer = build(name)
+    model, optimizer = build(name, **V0_DEFAULTS.get(name, {}))
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     for step in range(STEPS_BEFORE_SAVE, STEPS_BEFORE_SAVE + STEPS_AFTER_SAVE):
         train_step(model, optimizer, step)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, saved["after"][key], rtol=0, atol=0, msg=f"{name}: {key}")
+
+
+def test_a_checkpoint_saved_under_the_old_defaults_is_refused_under_the_new() -> None:
+    """``cblr_adam``'s defaults changed (``secant_pooled`` under the median rule): resuming its v0 checkpoint with the
+    new defaults stops, naming the setting, instead of continuing another optimizer's state."""
+    _, optimizer = build("cblr_adam")
+    with pytest.raises(ValueError, match=r"saved with \{'curvature': 'secant_denoised'"):
+        optimizer.load_state_dict(CHECKPOINTS["cblr_adam"]["optimizer"])
+    _, optimizer = build("cblr_adam", curvature="secant_denoised")  # the old estimator under the new (median) rule
+    with pytest.raises(ValueError, match=r"saved with \{'rate_rule': 'inverse_curvature'\}"):
+        optimizer.load_state_dict(CHECKPOINTS["cblr_adam"]["optimizer"])

@@ -50,7 +50,7 @@ def test_an_estimator_from_the_public_interface_trains_the_tiny_bert(tmp_path: P
     assert CURVATURE_ESTIMATORS["test_gradient_growth"] is GradientGrowthCurvature
     args = CBLRTrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
-        optim="cblr_adam", optim_args="curvature=test_gradient_growth,trust=1.0", learning_rate=3e-3,
+        optim="cblr_adam", optim_args="curvature=test_gradient_growth,rate_rule=inverse_curvature,trust=1.0", learning_rate=3e-3,
         per_device_train_batch_size=8, num_train_epochs=8, max_grad_norm=0.0, weight_decay=0.0,
     )
     dataset = IndexedDataset(24)

@@ -1,7 +1,8 @@
-"""The fused kernels (``fused=True``): the foreach path's numbers, no recompiles per step, one warning where they cannot compile.
+"""The fused kernels (``fused=True``): the foreach path's numbers, one compiled call per param group, no recompiles per step,
+one warning where they cannot compile.
 
 Tiny layers (at most 4096 elements: one size class of Inductor's CPU reductions), so the kernels compile once per
-process; the first test that runs them pays the compile.
+process, one graph per list of layers; the first test that runs them pays the compile.
 """
 
 from __future__ import annotations
@@ -201,6 +202,16 @@ def test_no_recompiles_over_20_steps(name: str, kwargs: dict[str, Any], kernel_c
     rates = {stats["rate"] for stats in optimizer.layer_stats().values()}
     assert len(rates) > 2  # the layers' rates differ (and with them the kernels' inputs)
     assert counters["stats"]["unique_graphs"] == graphs_before
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("lars", {}), ("cblr_adam", {"curvature": "secant"})])
+def test_one_compiled_call_per_param_group_and_step(name: str, kwargs: dict[str, Any], kernel_calls: list[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused kernels take all the layers of a param group in one compiled call (horizontally fused), where the foreach
+    path takes chunks of a few layers: with chunks of at most 40 elements (one layer each), still one call per group."""
+    monkeypatch.setattr(_tensor_ops, "CPU_CHUNK_ELEMENTS", 40)
+    _, optimizer = _run(name, kwargs, True, steps=3)
+    assert len(kernel_calls) == 3 * len(optimizer.param_groups)
 
 
 def test_without_a_compiler_fused_falls_back_to_foreach_with_one_warning(

@@ -394,7 +394,9 @@ def test_named_parameters_key_the_layer_stats() -> None:
 def test_layer_stats_match_hand_computed_norms(name: str, make_regression: Callable[..., Any]) -> None:
     problem = make_regression()
     # The secant: the default secant_denoised needs two backward passes per step, the regression takes one.
-    curvature = {"curvature": "secant"} if name in ("cblr", "cblr_adam") else {}
+    # cblr_adam's median rule is MCLR's (checked with mclr_adam); here its layer secant under CBLR's absolute rule.
+    curvature = {"cblr": {"curvature": "secant"},
+                 "cblr_adam": {"curvature": "secant", "rate_rule": "inverse_curvature"}}.get(name, {})
     optimizer = create_optimizer(problem.model.named_parameters(), name, **TRAIN_KWARGS[name], weight_decay=0.01, **curvature)
     for _ in range(3):
         before = {n: p.detach().clone() for n, p in problem.model.named_parameters()}

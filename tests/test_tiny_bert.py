@@ -18,7 +18,7 @@ STEPS = 15
 RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
     ("cblr", None, dict(lr=0.1, trust=1.0)),
     ("cblr", "hvp", dict(lr=0.1, trust=1.0)),
-    ("cblr_adam", None, dict(lr=0.03, trust=10.0)),
+    ("cblr_adam", None, dict(lr=0.01)),
     ("cblr_adam", "fd", dict(lr=0.03, trust=0.1)),
     ("lamb", None, dict(lr=0.03)),
     ("lars", None, dict(lr=1.0, trust_coefficient=0.02)),

@@ -11,15 +11,20 @@ The fused path (:class:`FusedTensorListOps`) is the foreach path plus, for the b
 pass per layer, which does in one pass over the layer's elements what the foreach path does in several
 (``docs/benchmarks.md``, "The fused step"):
 
-- :func:`adam_direction_kernel`: Adam's moments, the direction :math:`d = a\, w + b\, m / (\sqrt v + \epsilon')`,
-  and the sums of squares of :math:`g`, :math:`m`, :math:`q = m / (\sqrt v + \epsilon')` and :math:`d`;
+- :func:`adam_direction_kernel` (the reduction pass): Adam's moments and the sums of squares of :math:`g`, :math:`m`,
+  :math:`q = m / (\sqrt v + \epsilon')` and the direction :math:`d = a\, w + b\, q`, which it does not store;
+  :func:`adam_update_kernel` (the update pass, after the rates) forms :math:`d` again and updates :math:`w`;
 - :func:`momentum_update_kernel`: momentum SGD's direction :math:`d = g + \beta w`, its rate, the momentum buffer,
   the update of :math:`w` and the sum of squares of the step; :func:`plain_update_kernel` the same without momentum.
 
-Inductor compiles them (C++ on the CPU, Triton on the GPU) with dynamic shapes, once per kernel, dtype and size
-class (its CPU reductions take another accumulation above 4096 elements); learning rates, rates, step counts and
-hyperparameters are tensor inputs, so changing them never recompiles. :func:`fused_kernels_available` tells, once
-per device type, whether Inductor can compile there (a C++ compiler on the CPU, Triton on the GPU); where it
+They are compiled horizontally fused, as torch compiles its own optimizers over lists: :func:`adam_direction_lists`,
+:func:`adam_update_lists`, :func:`momentum_update_lists` and :func:`plain_update_lists` run a kernel on every layer of
+a list, and Inductor compiles the unrolled loop into one graph (C++ on the CPU, Triton on the GPU), so a step makes
+one compiled call per param group and pays Dynamo's guard check and the wrapper once for all its layers. Shapes are
+dynamic; a graph is compiled once per list length, dtypes and size classes (Inductor's CPU reductions take another
+accumulation above 4096 elements): in a training run once per param group and kernel. Learning rates, rates, step
+counts and hyperparameters are tensor inputs, so changing them never recompiles. :func:`fused_kernels_available`
+tells, once per device type, whether Inductor can compile there (a C++ compiler on the CPU, Triton on the GPU); where it
 cannot, it logs one warning and :func:`select_ops` picks the foreach kernels instead.
 """
 
@@ -137,6 +142,10 @@ class TensorListOps:
     def all_reduce_sum(self, vector: Tensor) -> Tensor:
         """``vector`` summed over the ranks that share the layers (in place); in one process, ``vector`` itself."""
         return vector
+
+    def chunk_elements(self, tensors: Sequence[Tensor]) -> int | None:
+        """The most elements the step takes through these kernels at once: :func:`chunk_elements`."""
+        return chunk_elements(tensors)
 
 
 class ForeachTensorListOps(TensorListOps):
@@ -268,23 +277,31 @@ ADAM_COEFFICIENTS = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weig
 MOMENTUM_COEFFICIENTS = ("decay", "rate", "lr", "buffer", "direction", "step_direction", "step_buffer")
 
 
-def adam_direction_kernel(grad: Tensor, weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, out: Tensor,
-                          coefficients: Tensor) -> Tensor:
-    r"""Adam's moments and direction of one layer, in one pass; returns the sums of squares of ``g, m, q, d``.
+def adam_direction_kernel(grad: Tensor, weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, coefficients: Tensor) -> Tensor:
+    r"""Adam's moments of one layer and the norms of its direction, in one pass (the reduction pass); returns the sums
+    of squares of ``g, m, q, d``. The direction is not stored: :func:`adam_update_kernel` forms it again.
 
     With the coefficients :data:`ADAM_COEFFICIENTS` :math:`(1 - \beta_1, \beta_2, 1 - \beta_2, \epsilon', a, b)`:
 
     .. math::
 
         m \leftarrow m + (1 - \beta_1)(g - m),\quad v \leftarrow \beta_2 v + (1 - \beta_2)\, g^2,\quad
-        q = \frac{m}{\sqrt v + \epsilon'},\quad d = a\, w + b\, q \ \text{(into ``out``)}
+        q = \frac{m}{\sqrt v + \epsilon'},\quad d = a\, w + b\, q
     """
     one_minus_beta1, beta2, one_minus_beta2, eps, weight_coefficient, quotient_coefficient = coefficients.unbind()
     exp_avg.lerp_(grad, one_minus_beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad * one_minus_beta2)
     quotient = exp_avg / (exp_avg_sq.sqrt() + eps)
-    out.copy_(weight_coefficient * weight + quotient_coefficient * quotient)
-    return torch.stack([grad.square().sum(), exp_avg.square().sum(), quotient.square().sum(), out.square().sum()])
+    direction = weight_coefficient * weight + quotient_coefficient * quotient
+    return torch.stack([grad.square().sum(), exp_avg.square().sum(), quotient.square().sum(), direction.square().sum()])
+
+
+def adam_update_kernel(weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, coefficients: Tensor, factor: Tensor) -> None:
+    r"""The update pass of one layer: :math:`w \leftarrow w - f\, d` with :math:`d = a\, w + b\, m / (\sqrt v + \epsilon')`
+    formed again from the moments :func:`adam_direction_kernel` left (``coefficients``: its row; ``factor``:
+    :math:`f = \eta\, r\, k`)."""
+    eps, weight_coefficient, quotient_coefficient = coefficients[3:].unbind()
+    weight.sub_(factor * (weight_coefficient * weight + quotient_coefficient * (exp_avg / (exp_avg_sq.sqrt() + eps))))
 
 
 def momentum_update_kernel(grad: Tensor, weight: Tensor, buffer: Tensor, coefficients: Tensor) -> Tensor:
@@ -317,9 +334,38 @@ def plain_update_kernel(grad: Tensor, weight: Tensor, coefficients: Tensor) -> T
     return step.square().sum()
 
 
+def adam_direction_lists(grads: TensorList, weights: TensorList, exp_avgs: TensorList, exp_avg_sqs: TensorList,
+                         coefficients: Tensor) -> Tensor:
+    """:func:`adam_direction_kernel` on every layer of a list, row ``i`` of ``coefficients`` (``[layers, 6]``) for
+    layer ``i``; returns the ``[layers, 4]`` sums of squares. Compiled, the loop unrolls into one graph: one call runs
+    every layer's pass."""
+    return torch.stack([adam_direction_kernel(g, w, m, v, row) for g, w, m, v, row in
+                        zip(grads, weights, exp_avgs, exp_avg_sqs, coefficients.unbind(), strict=True)])
+
+
+def adam_update_lists(weights: TensorList, exp_avgs: TensorList, exp_avg_sqs: TensorList, coefficients: Tensor,
+                      factors: Tensor) -> None:
+    """:func:`adam_update_kernel` on every layer of a list (``coefficients``: ``[layers, 6]``, ``factors``: ``[layers]``)."""
+    for w, m, v, row, factor in zip(weights, exp_avgs, exp_avg_sqs, coefficients.unbind(), factors.unbind(), strict=True):
+        adam_update_kernel(w, m, v, row, factor)
+
+
+def momentum_update_lists(grads: TensorList, weights: TensorList, buffers: TensorList, coefficients: Tensor) -> Tensor:
+    """:func:`momentum_update_kernel` on every layer of a list (``coefficients``: ``[layers, 7]``); returns the
+    ``[layers]`` sums of squares of the steps."""
+    return torch.stack([momentum_update_kernel(g, w, b, row)
+                        for g, w, b, row in zip(grads, weights, buffers, coefficients.unbind(), strict=True)])
+
+
+def plain_update_lists(grads: TensorList, weights: TensorList, coefficients: Tensor) -> Tensor:
+    """:func:`plain_update_kernel` on every layer of a list (``coefficients``: ``[layers, 7]``)."""
+    return torch.stack([plain_update_kernel(g, w, row) for g, w, row in zip(grads, weights, coefficients.unbind(), strict=True)])
+
+
 @functools.cache
 def compiled(kernel: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``kernel`` compiled by Inductor with dynamic shapes (compiled on its first call, once per dtype and size class)."""
+    """``kernel`` compiled by Inductor with dynamic shapes: on its first call for a list of layers, once per list
+    length, dtypes and size classes (in a training run, once per param group)."""
     return torch.compile(kernel, dynamic=True, fullgraph=True)
 
 
@@ -344,37 +390,48 @@ def fused_kernels_available(device_type: str) -> bool:
 
 
 class FusedTensorListOps(ForeachTensorListOps):
-    """The foreach path, plus one compiled pass per layer for a base's elementwise work (the kernels above).
+    """The foreach path, plus the bases' elementwise work as one compiled call per list of layers (the kernels above).
 
-    The bases call :meth:`adam_direction` and :meth:`momentum_update` on a batch whose ``ops`` are these. Their
-    per-layer sums of squares go through :meth:`all_reduce_sum`, as the foreach path's norms do.
+    The bases call :meth:`adam_direction` and :meth:`momentum_update` on a batch whose ``ops`` are these, with the
+    whole param group's layers (:meth:`chunk_elements` is None: a chunk of another length would be another graph).
+    Inductor emits every layer's pass in that one call (C++ loops on the CPU, Triton kernels on the GPU), so the
+    per-call cost (Dynamo's guards, the wrapper) is paid once per group, not once per layer. Their per-layer sums of
+    squares go through :meth:`all_reduce_sum`, as the foreach path's norms do.
     """
 
+    def chunk_elements(self, tensors: Sequence[Tensor]) -> int | None:
+        """None: the step takes each batch whole, one compiled call per list (see the class docstring)."""
+        return None
+
     def adam_direction(self, grads: Sequence[Tensor], weights: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                       exp_avg_sqs: Sequence[Tensor], outs: Sequence[Tensor | None],
-                       coefficients: Tensor) -> tuple[TensorList, Tensor]:
-        """:func:`adam_direction_kernel` on every layer, with the coefficient rows ``coefficients``
-        (``[layers, 6]``): the directions (in ``outs``, or new tensors where None) and the ``[layers, 4]`` sums of squares of
-        ``g, m, q, d``."""
-        kernel = compiled(adam_direction_kernel)
-        directions = [out if out is not None else torch.empty_like(weight) for weight, out in zip(weights, outs, strict=True)]
-        sums = [kernel(_flat(g), _flat(w), _flat(m), _flat(v), _flat(d), row) for g, w, m, v, d, row in
-                zip(grads, weights, exp_avgs, exp_avg_sqs, directions, coefficients.unbind(), strict=True)]
-        return directions, self.all_reduce_sum(torch.stack(sums))
+                       exp_avg_sqs: Sequence[Tensor], coefficients: Tensor) -> Tensor:
+        """:func:`adam_direction_kernel` on every layer, with the coefficient rows ``coefficients`` (``[layers, 6]``):
+        the moments, and the ``[layers, 4]`` sums of squares of ``g, m, q, d``."""
+        sums = compiled(adam_direction_lists)(_flats(grads), _flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs),
+                                              coefficients)
+        return self.all_reduce_sum(sums)
+
+    def adam_update(self, weights: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
+                    coefficients: Tensor, factors: Tensor) -> None:
+        """:func:`adam_update_kernel` on every layer: ``w -= f d``, with :meth:`adam_direction`'s ``coefficients`` and the
+        per-layer ``factors`` ``f``."""
+        compiled(adam_update_lists)(_flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs), coefficients, factors)
 
     def momentum_update(self, grads: Sequence[Tensor], weights: Sequence[Tensor], buffers: Sequence[Tensor] | None,
                         coefficients: Tensor) -> Tensor:
         """:func:`momentum_update_kernel` on every layer (without ``buffers``:
         :func:`plain_update_kernel`), with the coefficient rows ``coefficients`` (``[layers, 7]``);
         returns the sums of squares of the steps."""
-        rows = coefficients.unbind()
         if buffers is None:
-            kernel = compiled(plain_update_kernel)
-            sums = [kernel(_flat(g), _flat(w), row) for g, w, row in zip(grads, weights, rows, strict=True)]
+            sums = compiled(plain_update_lists)(_flats(grads), _flats(weights), coefficients)
         else:
-            kernel = compiled(momentum_update_kernel)
-            sums = [kernel(_flat(g), _flat(w), _flat(b), row) for g, w, b, row in zip(grads, weights, buffers, rows, strict=True)]
-        return self.all_reduce_sum(torch.stack(sums))
+            sums = compiled(momentum_update_lists)(_flats(grads), _flats(weights), _flats(buffers), coefficients)
+        return self.all_reduce_sum(sums)
+
+
+def _flats(tensors: Sequence[Tensor]) -> TensorList:
+    """:func:`_flat` of every tensor."""
+    return [_flat(tensor) for tensor in tensors]
 
 
 def _flat(tensor: Tensor) -> Tensor:

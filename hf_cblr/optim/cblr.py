@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from itertools import chain
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -71,18 +71,19 @@ class CBLR(Optimizer):
         momentum, dampening, nesterov: momentum SGD, as ``torch.optim.SGD`` (SGD base only).
         weight_decay: :math:`\beta`, inside the direction (coupled for SGD, decoupled AdamW-style for Adam).
         trust: :math:`\tau`, the numerator of the layer rate :math:`r_l = \tau / c_l`; :math:`\eta\tau` is the
-            fraction of the layer's Newton step taken. Default (None): :data:`~hf_cblr.optim.config.DEFAULT_TRUST` of
-            the base.
+            fraction of the layer's Newton step taken. Default (None): 1 under the median rule, else
+            :data:`~hf_cblr.optim.config.DEFAULT_TRUST` of the base.
         curvature: estimator name, one of :data:`~hf_cblr.optim.estimators.CURVATURE_ESTIMATORS`:
             ``secant_denoised`` (default), ``secant``, ``secant_pooled``, ``secant_elementwise``, ``weight_norm``,
-            ``hvp``, ``fd``, ``hutchinson``. The plain stochastic ``secant`` collapses the rates when fine-tuning a transformer
-            (``docs/algorithm.md``, §4 and §8); ``secant_denoised`` needs two or more backward passes per
-            step (gradient accumulation) and is not supported under DeepSpeed ZeRO (nor is ``secant_pooled``).
+            ``hvp``, ``fd``, ``hutchinson`` (the registry's ``cblr_adam`` takes ``secant_pooled``). The plain
+            stochastic ``secant`` collapses the rates when fine-tuning a transformer (``docs/algorithm.md``, §4 and §8);
+            ``secant_denoised`` and ``secant_pooled`` need two or more backward passes per step (gradient
+            accumulation) and are not supported under DeepSpeed ZeRO or FSDP2.
         aggregate: ``mean`` or ``median`` of per-element curvatures (element-wise estimators).
         rate_rule: how curvatures become rates, one of :data:`~hf_cblr.optim.rates.RATE_RULES`:
             ``inverse_curvature`` (default, CBLR's :math:`r_l = \tau / c_l`) or ``median`` (MCLR's
             :math:`r_l = \tau\, \operatorname{median}_k c_k / c_l`: the curvature sets how the layers' rates compare,
-            the learning rate sets their scale; ``trust`` is then dimensionless).
+            the learning rate sets their scale; ``trust`` is then dimensionless; the registry's ``cblr_adam`` takes it).
         curvature_ema: :math:`\alpha`, the EMA factor smoothing the estimates (0: no smoothing).
         curvature_eps: :math:`\epsilon_c`, added to the curvature in the rate's denominator.
         update_interval: estimate every this many steps (``hvp``, ``fd``, ``hutchinson`` only; the
@@ -117,6 +118,10 @@ class CBLR(Optimizer):
     the steps that estimate curvature, and must be deterministic (no dropout) for ``fd``. For the
     other estimators a closure is called once, as in ``torch.optim.SGD``.
     """
+
+    #: The rate rule of this class's checkpoints saved before ``rate_rule`` was a setting (and so not in their
+    #: settings entry): CBLR, LARS and LAMB had CBLR's rule, MCLR the median.
+    rate_rule_before_settings: ClassVar[str] = "inverse_curvature"
 
     def __init__(self, params: Iterable[Any], *, config: CBLRConfig | None = None, **kwargs: Any) -> None:
         if config is None:
@@ -274,8 +279,8 @@ class CBLR(Optimizer):
     def _estimator_settings(self) -> dict[str, Any]:
         """What the state means besides the param groups: the base direction and the estimator's settings."""
         estimator = self.estimator
-        return {"base": self.base, "curvature": self.curvature, "aggregate": estimator.aggregate,
-                "sample_size": estimator.sample_size, "seed": estimator.seed}
+        return {"base": self.base, "curvature": self.curvature, "rate_rule": self.settings.rate_rule,
+                "aggregate": estimator.aggregate, "sample_size": estimator.sample_size, "seed": estimator.seed}
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state`` and ``param_groups``, every param group with ``"hf_cblr"``: :meth:`_estimator_settings`,
@@ -310,6 +315,8 @@ class CBLR(Optimizer):
                 "continue it: start the optimizer fresh (do not load this state, e.g. resume the Trainer without the "
                 "checkpoint's optimizer.pt), or load it into the optimizer that saved it"
             )
+        if saved is not None and "rate_rule" not in saved:  # saved before the rule was a setting: the class's rule then
+            saved = {**saved, "rate_rule": self.rate_rule_before_settings}
         if saved is not None and saved != current:
             differing = {key: saved.get(key) for key in current if saved.get(key) != current[key]}
             raise ValueError(

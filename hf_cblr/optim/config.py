@@ -19,9 +19,10 @@ from hf_cblr.optim.estimators import AGGREGATES, CURVATURE_ESTIMATORS
 from hf_cblr.optim.partitioned import PartitionLayout
 from hf_cblr.optim.rates import RATE_RULES
 
-#: ``trust`` when none is given, per base, chosen with the default ``curvature`` (``docs/study.md``): on the SGD base
+#: ``trust`` when none is given under the absolute rule (``rate_rule="inverse_curvature"``), per base: on the SGD base
 #: with ``lr = 0.1`` a layer takes 1% of its Newton step; on the Adam base the value that fine-tunes MiniLM on SST-2
-#: at batch 1024 with AdamW's ``lr = 5e-4``.
+#: at batch 1024 with AdamW's ``lr = 5e-4`` (``secant_denoised``). Under the median rule ``trust`` is dimensionless
+#: and defaults to 1: the layer of median curvature moves at ``lr``.
 DEFAULT_TRUST = {"sgd": 0.1, "adam": 3000.0}
 #: The group settings each base does not read (and its param groups do not carry).
 BASE_UNUSED_SETTINGS = {"sgd": ("betas", "eps"), "adam": ("momentum", "dampening", "nesterov")}
@@ -103,7 +104,8 @@ class GroupSettings:
 class CBLRConfig(GroupSettings):
     """All the settings of a :class:`~hf_cblr.optim.cblr.CBLR` optimizer (its arguments; documented there).
 
-    ``trust=None`` becomes :data:`DEFAULT_TRUST` of the ``base``; ``betas`` given as a list become a tuple.
+    ``trust=None`` becomes 1 under the median rule, else :data:`DEFAULT_TRUST` of the ``base``; ``betas`` given as a
+    list become a tuple.
     """
 
     curvature: str = "secant_denoised"
@@ -119,6 +121,8 @@ class CBLRConfig(GroupSettings):
     partition_layout: PartitionLayout | None = None
 
     def __post_init__(self) -> None:
+        if self.base not in DIRECTIONS:
+            raise ValueError(f"base={self.base!r} is not valid; valid values: {list(DIRECTIONS)}")
         if self.curvature not in CURVATURE_ESTIMATORS:
             raise ValueError(f"curvature={self.curvature!r} is not a known estimator; valid values: "
                              f"{sorted(CURVATURE_ESTIMATORS)}")
@@ -126,8 +130,6 @@ class CBLRConfig(GroupSettings):
             raise ValueError(f"aggregate={self.aggregate!r} is not valid; valid values: {list(AGGREGATES)}")
         if self.rate_rule not in RATE_RULES:
             raise ValueError(f"rate_rule={self.rate_rule!r} is not valid; valid values: {sorted(RATE_RULES)}")
-        if self.base not in DIRECTIONS:
-            raise ValueError(f"base={self.base!r} is not valid; valid values: {list(DIRECTIONS)}")
         self.update_interval, self.sample_size, self.seed, self.fd_step = (
             _as_python_number(value) for value in (self.update_interval, self.sample_size, self.seed, self.fd_step))
         if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) or self.update_interval < 1:
@@ -155,7 +157,7 @@ class CBLRConfig(GroupSettings):
                 f"curvature={self.curvature!r} costs no extra pass and estimates every step: use update_interval=1"
             )
         if self.trust is None:
-            self.trust = DEFAULT_TRUST[self.base]
+            self.trust = 1.0 if self.rate_rule == "median" else DEFAULT_TRUST[self.base]
         super().__post_init__()
 
     def group_defaults(self) -> dict[str, Any]:

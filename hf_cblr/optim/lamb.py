@@ -40,7 +40,7 @@ class LAMB(CBLR):
         """The CBLR arguments of this special case (its own arguments: the class docstring)."""
         return dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust=trust_coefficient,
-            curvature="weight_norm", curvature_ema=0.0, curvature_eps=curvature_eps, max_ratio=max_ratio,
-            base="adam", weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
+            curvature="weight_norm", rate_rule="inverse_curvature", curvature_ema=0.0, curvature_eps=curvature_eps,
+            max_ratio=max_ratio, base="adam", weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
             foreach=foreach, fused=fused, partition_layout=partition_layout,
         )

@@ -41,7 +41,7 @@ class LARS(CBLR):
         """The CBLR arguments of this special case (its own arguments: the class docstring)."""
         return dict(
             lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
-            trust=trust_coefficient, curvature="weight_norm", curvature_ema=0.0, curvature_eps=curvature_eps,
-            max_ratio=max_ratio, base="sgd", weight_decay_mask=weight_decay_mask, adaptation_mask=adaptation_mask,
-            foreach=foreach, fused=fused, partition_layout=partition_layout,
+            trust=trust_coefficient, curvature="weight_norm", rate_rule="inverse_curvature", curvature_ema=0.0,
+            curvature_eps=curvature_eps, max_ratio=max_ratio, base="sgd", weight_decay_mask=weight_decay_mask,
+            adaptation_mask=adaptation_mask, foreach=foreach, fused=fused, partition_layout=partition_layout,
         )

@@ -15,7 +15,7 @@ Under DeepSpeed ZeRO-1/2/3 the rates are those of one process for any world size
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from hf_cblr.optim.cblr import CBLR
 from hf_cblr.optim.estimators import CURVATURE_ESTIMATORS
@@ -27,6 +27,8 @@ class MCLR(CBLR):
     """Median-curvature learning rate. Takes the arguments of :class:`CBLR`; ``curvature`` must be
     element-wise (``secant_elementwise``, the default, or ``hutchinson``); ``aggregate`` and ``rate_rule`` are
     ``median``."""
+
+    rate_rule_before_settings: ClassVar[str] = "median"
 
     @classmethod
     def cblr_arguments(cls, *, lr: float = 0.1, trust: float = 1.0,  # type: ignore[override]

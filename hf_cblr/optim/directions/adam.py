@@ -24,12 +24,18 @@ class AdamDirection(Direction):
     #: :math:`1 / \sqrt{1 - \beta_2^{t_l}}` per layer
     inverse_sqrt_bias_corrections2: list[float] | None = None
     eps: float = 0.0
-    #: :math:`|P \hat m| / |\hat m|` per layer, where asked for (:meth:`Adam.direction`'s ``gains``)
-    preconditioner_gains: Tensor | None = None
+    #: :math:`|m|`, :math:`|q|` and :math:`\sqrt{1 - \beta_2^{t_l}}` per layer where asked for (:meth:`Adam.direction`'s
+    #: ``gains``), from which :meth:`gains` forms the gains once the batch's sums are reduced
+    momentum_norms: Tensor | None = None
+    quotient_norms: Tensor | None = None
+    sqrt_bias_corrections2: Tensor | None = None
 
     def gains(self) -> Tensor | float:
-        assert self.preconditioner_gains is not None, "the direction was formed without gains=True"
-        return self.preconditioner_gains
+        r""":math:`|P \hat m| / |\hat m| = \sqrt{b_2}\, |q| / |m|` per layer (0 where :math:`m = 0`)."""
+        assert self.momentum_norms is not None and self.quotient_norms is not None and self.sqrt_bias_corrections2 is not None, \
+            "the direction was formed without gains=True"
+        layer_gains = self.sqrt_bias_corrections2 * self.quotient_norms / self.momentum_norms
+        return torch.where(self.momentum_norms > 0, layer_gains, torch.zeros_like(layer_gains))
 
     def trust_numerators(self, weight_norms: Tensor, decay: Tensor) -> Tensor:
         return self.norms
@@ -46,6 +52,16 @@ class AdamDirection(Direction):
         denominators = sampled([self.second_moments[i] for i in rows]).sqrt_()
         scales = torch.tensor([self.inverse_sqrt_bias_corrections2[i] for i in rows], device=denominators.device)
         values /= denominators.mul_(scales[:, None]).add_(self.eps)
+
+
+@dataclass
+class UnformedAdamDirection(AdamDirection):
+    r"""The direction of the fused kernels, not stored: the reduction pass took its norms, and the update pass forms
+    :math:`d = a\, w + b\, m / (\sqrt v + \epsilon')` again from the moments, with the ``coefficients`` rows of
+    :func:`~hf_cblr.optim._tensor_ops.adam_direction_kernel`. ``tensors`` hold the first moments :math:`m` (the
+    estimators that run on the fused kernels read only the norms, the gains and the preconditioner)."""
+
+    coefficients: Tensor | None = None
 
 
 @register_direction
@@ -77,9 +93,9 @@ class Adam(BaseDirection):
         ``workspace`` an estimator lends (the secant's previous-gradient buffer) or else into the one new tensor,
         then is overwritten in place. With ``gains`` (the secant estimators) the preconditioner's gain
         :math:`|P \hat m| / |\hat m| = \sqrt{b_2}\, |q| / |m|` is computed too: there ``q`` is formed first, its
-        norm taken in one ``ops.norms`` call with ``|g|`` and ``|m|``, and ``(\beta / s) w`` added after. On the fused
-        kernels (:class:`~hf_cblr.optim._tensor_ops.FusedTensorListOps`) all of it is one compiled pass per layer
-        (:meth:`_fused_direction`).
+        norm taken in one ``batch.sums.norms`` call with ``|g|`` and ``|m|``, and ``(\beta / s) w`` added after. On the fused
+        kernels (:class:`~hf_cblr.optim._tensor_ops.FusedTensorListOps`) all of it is one compiled pass per layer, one
+        compiled call for the batch's layers (:meth:`_fused_direction`).
         """
         assert steps is not None
         beta1, beta2 = batch.group["betas"]
@@ -92,7 +108,7 @@ class Adam(BaseDirection):
         scales = [c2 / c1 for c1, c2 in zip(bias_corrections1, sqrt_bias_corrections2, strict=True)]
         decay = batch.decay.tolist()
         if isinstance(ops, FusedTensorListOps):
-            return self._fused_direction(batch, ops, workspace, sqrt_bias_corrections2, scales,
+            return self._fused_direction(batch, ops, sqrt_bias_corrections2, scales,
                                          [value != 0 for value in decay], gains=gains)
         decayed = [i for i, value in enumerate(decay) if value != 0]
         ops.lerp_(exp_avgs, grads, 1 - beta1)
@@ -100,14 +116,12 @@ class Adam(BaseDirection):
         ops.addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
         direction = ops.sqrt(exp_avg_sqs, outs=workspace)
         ops.add_scalars_(direction, [batch.group["eps"] * c2 for c2 in sqrt_bias_corrections2])
-        preconditioner_gains = None
+        momentum_norms = q_norms = None
         if gains:
             ops.divide_into_(exp_avgs, direction)
-            grad_norms, momentum_norms, q_norms = ops.norms(grads + exp_avgs + direction).split(len(batch))
-            layer_gains = torch.tensor(sqrt_bias_corrections2, device=momentum_norms.device) * q_norms / momentum_norms
-            preconditioner_gains = torch.where(momentum_norms > 0, layer_gains, torch.zeros_like(layer_gains))
+            grad_norms, momentum_norms, q_norms = batch.sums.norms(grads + exp_avgs + direction).split(len(batch))
             ops.add_scaled_([direction[i] for i in decayed], [weights[i] for i in decayed], [beta / scales[i] for i in decayed])
-            direction_norms = ops.norms(direction)
+            direction_norms = batch.sums.norms(direction)
         else:
             plain = [i for i, value in enumerate(decay) if value == 0]
             ops.divide_into_([exp_avgs[i] for i in plain], [direction[i] for i in plain])
@@ -115,22 +129,23 @@ class Adam(BaseDirection):
                               [scales[i] / beta for i in decayed])
             for i in decayed:
                 scales[i] = beta
-            grad_norms, direction_norms = ops.norms(grads + direction).split(len(batch))  # one reduction under ZeRO
-        direction_scales = torch.tensor(scales, device=batch.decay.device)
+            grad_norms, direction_norms = batch.sums.norms(grads + direction).split(len(batch))
         return AdamDirection(
-            tensors=direction, grad_norms=grad_norms, scales=direction_scales,
-            norms=direction_norms * direction_scales.to(grad_norms.device),
-            second_moments=exp_avg_sqs, inverse_sqrt_bias_corrections2=[1 / c2 for c2 in sqrt_bias_corrections2],
-            eps=batch.group["eps"], preconditioner_gains=preconditioner_gains,
+            tensors=direction, grad_norms=grad_norms, scales=torch.tensor(scales, device=batch.decay.device),
+            tensor_norms=direction_norms, second_moments=exp_avg_sqs,
+            inverse_sqrt_bias_corrections2=[1 / c2 for c2 in sqrt_bias_corrections2], eps=batch.group["eps"],
+            momentum_norms=momentum_norms, quotient_norms=q_norms,
+            sqrt_bias_corrections2=torch.tensor(sqrt_bias_corrections2, device=grad_norms.device) if gains else None,
         )
 
     @staticmethod
-    def _fused_direction(batch: LayerBatch, ops: FusedTensorListOps, workspace: list[Tensor | None],
-                         sqrt_bias_corrections2: list[float], scales: list[float], decayed: list[bool], *,
-                         gains: bool) -> AdamDirection:
-        r""":meth:`direction` in one compiled pass per layer (:func:`~hf_cblr.optim._tensor_ops.adam_direction_kernel`).
+    def _fused_direction(batch: LayerBatch, ops: FusedTensorListOps, sqrt_bias_corrections2: list[float],
+                         scales: list[float], decayed: list[bool], *, gains: bool) -> AdamDirection:
+        r""":meth:`direction` in one compiled pass per layer (:func:`~hf_cblr.optim._tensor_ops.adam_direction_kernel`), one
+        compiled call for all the batch's layers; the update pass forms the direction again (:class:`UnformedAdamDirection`:
+        no full-size temporary, and no use of a lent workspace).
 
-        The kernel forms :math:`d = a\, w + b\, q` with :math:`q = m / (\sqrt v + \epsilon \sqrt{b_2})` and returns the
+        The kernel takes the norms of :math:`d = a\, w + b\, q` with :math:`q = m / (\sqrt v + \epsilon \sqrt{b_2})`, the
         norms the foreach path takes: with ``gains``, :math:`d = q + (\beta / s) w` and the scale :math:`s`; without,
         :math:`d = w + (s / \beta) q` and the scale :math:`\beta` on decayed layers, :math:`d = q` and :math:`s` on the others.
         """
@@ -145,26 +160,28 @@ class Adam(BaseDirection):
             else:
                 weight_coefficient, quotient_coefficient, scales[i] = 1.0, scale / beta, beta
             rows.append([1 - beta1, beta2, 1 - beta2, eps * c2, weight_coefficient, quotient_coefficient])
+        exp_avgs = [state["exp_avg"] for state in batch.states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in batch.states]
-        directions, sums = ops.adam_direction(
-            batch.grads, batch.weights, [state["exp_avg"] for state in batch.states], exp_avg_sqs, workspace,
-            torch.tensor(rows, dtype=batch.decay.dtype, device=batch.decay.device))
+        coefficients = torch.tensor(rows, dtype=batch.decay.dtype, device=batch.decay.device)
+        sums = ops.adam_direction(batch.grads, batch.weights, exp_avgs, exp_avg_sqs, coefficients)
         grad_norms, momentum_norms, q_norms, direction_norms = sums.sqrt().unbind(1)
-        preconditioner_gains = None
-        if gains:
-            layer_gains = torch.tensor(sqrt_bias_corrections2, device=momentum_norms.device) * q_norms / momentum_norms
-            preconditioner_gains = torch.where(momentum_norms > 0, layer_gains, torch.zeros_like(layer_gains))
-        direction_scales = torch.tensor(scales, device=batch.decay.device)
-        return AdamDirection(
-            tensors=directions, grad_norms=grad_norms, scales=direction_scales,
-            norms=direction_norms * direction_scales.to(grad_norms.device),
-            second_moments=exp_avg_sqs, inverse_sqrt_bias_corrections2=[1 / c2 for c2 in sqrt_bias_corrections2],
-            eps=eps, preconditioner_gains=preconditioner_gains,
+        return UnformedAdamDirection(
+            tensors=exp_avgs, grad_norms=grad_norms, scales=torch.tensor(scales, device=batch.decay.device),
+            tensor_norms=direction_norms, second_moments=exp_avg_sqs,
+            inverse_sqrt_bias_corrections2=[1 / c2 for c2 in sqrt_bias_corrections2], eps=eps,
+            momentum_norms=momentum_norms if gains else None, quotient_norms=q_norms if gains else None,
+            sqrt_bias_corrections2=torch.tensor(sqrt_bias_corrections2, device=grad_norms.device) if gains else None,
+            coefficients=coefficients,
         )
 
     def update(self, batch: LayerBatch, direction: Direction, rates: Tensor) -> Tensor:
         lr = batch.group["lr"]
         update_norms = lr * rates * direction.norms
+        if isinstance(direction, UnformedAdamDirection):
+            assert isinstance(batch.ops, FusedTensorListOps) and direction.scales is not None
+            batch.ops.adam_update(batch.weights, direction.tensors, direction.second_moments, direction.coefficients,
+                                  lr * rates * direction.scales.to(rates.device))
+            return update_norms
         batch.ops.addcmul_(batch.weights, direction.tensors, list((rates * direction.scales).unbind()), value=-lr)
         return update_norms
 

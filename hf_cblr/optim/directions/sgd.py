@@ -19,6 +19,28 @@ class UnformedSGDDirection(Direction):
     hold the gradients :math:`g` (the estimators read only the norms and the identity preconditioner)."""
 
 
+@dataclass
+class FragmentSGDDirection(Direction):
+    r"""The direction on fragments (ZeRO partitions, FSDP2 shards), with the sums that give the update's norm.
+
+    The step is :math:`s = \alpha\, b + \gamma\, r\, d` (:math:`b`: the momentum buffer before it; :math:`\alpha, \gamma`
+    from the momentum, dampening and Nesterov, :meth:`MomentumSGD._step_norms`), so
+
+    .. math::  |s|^2 = \alpha^2 |b|^2 + 2 \alpha \gamma\, r \langle b, d \rangle + \gamma^2 r^2 |d|^2
+
+    is known from sums taken before the rate :math:`r`, reduced with the step's other sums: no second all-reduce
+    after the rates. The sums are of fp64 products (exact for fp32 elements), so that where :math:`b` and :math:`r d`
+    nearly cancel, the quadratic loses no more than forming :math:`s` in fp32 does. ``direction_squares``:
+    :math:`|d|^2` per layer; ``continuing``: whether each layer has a momentum buffer; ``buffer_squares`` and
+    ``buffer_products``: :math:`|b|^2` and :math:`\langle b, d \rangle` of those that have.
+    """
+
+    direction_squares: Tensor | None = None
+    continuing: Tensor | None = None
+    buffer_squares: Tensor | None = None
+    buffer_products: Tensor | None = None
+
+
 @register_direction
 class MomentumSGD(BaseDirection):
     r"""``d = g + beta w``; :math:`b \leftarrow \mu b + (1 - \text{dampening})\, r_l d`, :math:`w \leftarrow w - \eta b`
@@ -29,24 +51,65 @@ class MomentumSGD(BaseDirection):
 
     def direction(self, batch: LayerBatch, workspace: list[Tensor | None], steps: list[float] | None, *,
                   gains: bool) -> Direction:
-        """``d = g + beta w`` (new tensors only where ``beta != 0``; on the fused kernels, formed by :meth:`update`)."""
-        grad_norms = batch.ops.norms(batch.grads)
+        """``d = g + beta w`` (new tensors only where ``beta != 0``; on the fused kernels, formed by :meth:`update`; on
+        fragments with the sums of :class:`FragmentSGDDirection`)."""
+        grad_norms = batch.sums.norms(batch.grads)
         if isinstance(batch.ops, FusedTensorListOps):
             return UnformedSGDDirection(list(batch.grads), grad_norms)
-        return Direction(plus_decay(batch, list(batch.grads), workspace), grad_norms)
+        tensors = plus_decay(batch, list(batch.grads), workspace)
+        if batch.fragments is None:
+            return Direction(tensors, grad_norms)
+        continuing = [bool(batch.group["momentum"]) and "momentum_buffer" in state for state in batch.states]
+        buffers = [state["momentum_buffer"] for state, known in zip(batch.states, continuing, strict=True) if known]
+        continued = [d for d, known in zip(tensors, continuing, strict=True) if known]
+        return FragmentSGDDirection(
+            tensors, grad_norms, direction_squares=batch.sums.add(_fp64_products(tensors, tensors)),
+            continuing=torch.tensor(continuing, device=batch.decay.device),
+            buffer_squares=batch.sums.add(_fp64_products(buffers, buffers)),
+            buffer_products=batch.sums.add(_fp64_products(buffers, continued)))
 
     def update(self, batch: LayerBatch, direction: Direction, rates: Tensor) -> Tensor:
         lr = batch.group["lr"]
         if isinstance(direction, UnformedSGDDirection):
             return lr * self._fused_update(batch, rates).sqrt()
         steps = self._momentum(batch, direction.tensors, list(rates.unbind()))
-        update_norms = lr * batch.ops.norms(steps)
+        if isinstance(direction, FragmentSGDDirection):
+            update_norms = lr * self._step_norms(batch, direction, rates)
+        else:
+            update_norms = lr * batch.ops.norms(steps)
         batch.ops.add_(batch.weights, steps, alpha=-lr)
         return update_norms
 
     @staticmethod
+    def _step_norms(batch: LayerBatch, direction: FragmentSGDDirection, rates: Tensor) -> Tensor:
+        r""":math:`|s|` per layer from the direction's reduced sums (:class:`FragmentSGDDirection`), with
+        :math:`\alpha, \gamma = \mu, 1 - \text{dampening}` (Nesterov: :math:`\mu^2, 1 + \mu (1 - \text{dampening})`) on
+        layers with a momentum buffer, and :math:`0, 1` (Nesterov: :math:`0, 1 + \mu`) on the others, whose buffer
+        starts at :math:`r d` (:meth:`_momentum`). The rounding is that of the sums, relative to :math:`(\alpha |b| +
+        \gamma r |d|)^2`: it grows only where :math:`b` and :math:`r d` nearly cancel."""
+        group = batch.group
+        momentum, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
+        assert direction.direction_squares is not None and direction.continuing is not None
+        assert direction.buffer_squares is not None and direction.buffer_products is not None
+        direction_squares = direction.direction_squares
+        rates = rates.to(direction_squares)
+        alpha, buffer_squares, products = (torch.zeros_like(direction_squares) for _ in range(3))
+        gamma = torch.full_like(direction_squares, 1 + momentum if nesterov else 1.0)
+        continuing = direction.continuing
+        if continuing.any():
+            alpha[continuing] = momentum ** 2 if nesterov else momentum
+            gamma[continuing] = 1 + momentum * (1 - dampening) if nesterov else 1 - dampening
+            buffer_squares[continuing] = direction.buffer_squares
+            products[continuing] = direction.buffer_products
+        scaled_rates = gamma * rates
+        squares = (alpha.square() * buffer_squares + 2 * alpha * scaled_rates * products
+                   + scaled_rates.square() * direction_squares)
+        return squares.clamp(min=0).sqrt().to(direction.grad_norms.dtype)
+
+    @staticmethod
     def _fused_update(batch: LayerBatch, rates: Tensor) -> Tensor:
-        """:meth:`update` in one compiled pass per layer (:func:`~hf_cblr.optim._tensor_ops.momentum_update_kernel`): the
+        """:meth:`update` in one compiled pass per layer (:func:`~hf_cblr.optim._tensor_ops.momentum_update_kernel`), one
+        compiled call for all the batch's layers: the
         direction, its rate, the momentum buffer (a new one starts at ``r d``, as torch's SGD) and the weights; returns
         the sums of squares of the steps."""
         group, ops = batch.group, batch.ops
@@ -90,3 +153,10 @@ class MomentumSGD(BaseDirection):
             return buffers
         ops.add_(scaled, buffers, alpha=momentum)
         return scaled
+
+
+def _fp64_products(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    r""":math:`\langle x, y \rangle` of every pair, summed in fp64 over fp64 products (exact for fp32 and bf16 elements)."""
+    if not xs:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(xs, ys, strict=True)])
