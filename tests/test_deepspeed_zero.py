@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
+from workers.parity import single_process_run
 
 import hf_cblr
 from hf_cblr.integrations import deepspeed as zero
@@ -45,16 +46,7 @@ worker = _load("ds_zero_worker", WORKER)
 @cache
 def reference(case: str) -> tuple[dict[str, Tensor], dict[str, dict[str, float]], int]:
     """The parameters, layer statistics and optimizer state bytes of a single-process run without DeepSpeed."""
-    name, kwargs = worker.CASES[case]
-    model = worker.build_model()
-    optimizer = hf_cblr.create_optimizer(model, name, **kwargs)
-    for step in range(worker.STEPS):
-        inputs, targets = worker.batch(step)
-        optimizer.zero_grad()
-        worker.loss_fn(model(inputs), targets).backward()
-        optimizer.step()
-    parameters = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return parameters, optimizer.layer_stats(), worker.state_bytes(dict(optimizer.state))
+    return single_process_run(worker, case)
 
 
 def run_worker(ranks: int, *args: str, script: Path = WORKER) -> None:

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from workers.parity import single_process_run
 
 import hf_cblr
 from hf_cblr.optim.dtensor_layers import check_dtensor_support
@@ -44,16 +45,7 @@ spec.loader.exec_module(worker)
 @cache
 def reference(case: str) -> tuple[dict[str, Tensor], dict[str, dict[str, float]], int]:
     """The parameters, layer statistics and optimizer state bytes of a single-process run without FSDP."""
-    name, kwargs = worker.CASES[case]
-    model = worker.build_model()
-    optimizer = hf_cblr.create_optimizer(model, name, **kwargs)
-    for step in range(worker.STEPS):
-        inputs, targets = worker.batch(step)
-        optimizer.zero_grad()
-        worker.loss_fn(model(inputs), targets).backward()
-        optimizer.step()
-    parameters = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return parameters, optimizer.layer_stats(), worker.state_bytes(optimizer.state)
+    return single_process_run(worker, case)
 
 
 @pytest.fixture(scope="module")

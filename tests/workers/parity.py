@@ -1,0 +1,24 @@
+"""The single-process reference that the sharded-engine tests (ZeRO, FSDP2) compare their ranks' results with."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from torch import Tensor
+
+import hf_cblr
+
+
+def single_process_run(worker: ModuleType, case: str) -> tuple[dict[str, Tensor], dict[str, dict[str, float]], int]:
+    """The parameters, layer statistics and optimizer state bytes of ``worker``'s ``case`` (its ``CASES``, ``STEPS``,
+    ``build_model``, ``batch``, ``loss_fn`` and ``state_bytes``) trained in one process, without a sharding engine."""
+    name, kwargs = worker.CASES[case]
+    model = worker.build_model()
+    optimizer = hf_cblr.create_optimizer(model, name, **kwargs)
+    for step in range(worker.STEPS):
+        inputs, targets = worker.batch(step)
+        optimizer.zero_grad()
+        worker.loss_fn(model(inputs), targets).backward()
+        optimizer.step()
+    parameters = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return parameters, optimizer.layer_stats(), worker.state_bytes(dict(optimizer.state))
