@@ -234,8 +234,8 @@ def test_without_a_compiler_fused_falls_back_to_foreach_with_one_warning(
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1 and "foreach kernels" in warnings[0].getMessage()
     assert kernel_calls == []
-    for actual, expected in ((fused_weights, _run("cblr_adam", {"curvature": "secant"}, None, steps=3)[0]),
-                             (lars_weights, _run("lars", {}, None, steps=3)[0])):
+    for actual, expected in ((fused_weights, _run("cblr_adam", {"curvature": "secant"}, False, steps=3)[0]),
+                             (lars_weights, _run("lars", {}, False, steps=3)[0])):
         for a, e in zip(actual, expected, strict=True):
             assert torch.equal(a, e)
 

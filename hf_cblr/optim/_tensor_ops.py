@@ -449,9 +449,9 @@ def select_ops(foreach: bool | None, tensors: Sequence[Tensor], fused: bool | No
     """Pick the kernel path.
 
     ``fused=True``: the fused kernels where Inductor compiles on the tensors' device (else, with one logged warning,
-    as if ``fused=False``). ``fused=None`` is ``fused=False`` (``docs/benchmarks.md``, "The fused step": the fused path
-    has not been measured faster on a quiet machine yet). Then ``foreach=None`` means foreach unless a tensor is
-    sparse or on the meta device.
+    as if ``fused=False``). ``fused=None`` is ``fused=False`` (``docs/benchmarks.md``, "The fused step": measured
+    faster on the CPU, but making it the default changes the default path's rounding and adds the first step's
+    compile). Then ``foreach=None`` means foreach unless a tensor is sparse or on the meta device.
     """
     unsupported = any(t.is_sparse or t.device.type == "meta" for t in tensors)
     if fused and tensors and not unsupported and fused_kernels_available(tensors[0].device.type):

@@ -109,9 +109,8 @@ class MomentumSGD(BaseDirection):
     @staticmethod
     def _fused_update(batch: LayerBatch, rates: Tensor) -> Tensor:
         """:meth:`update` in one compiled pass per layer (:func:`~hf_cblr.optim._tensor_ops.momentum_update_kernel`), one
-        compiled call for all the batch's layers: the
-        direction, its rate, the momentum buffer (a new one starts at ``r d``, as torch's SGD) and the weights; returns
-        the sums of squares of the steps."""
+        compiled call for all the batch's layers: the direction, its rate, the momentum buffer (a new one starts at
+        ``r d``, as torch's SGD) and the weights; returns the sums of squares of the steps."""
         group, ops = batch.group, batch.ops
         assert isinstance(ops, FusedTensorListOps)
         momentum, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
