@@ -31,9 +31,10 @@ import hf_cblr
 STEPS = 10
 SAVE_AT = 5
 BATCH = 8
-#: name -> (registry optimizer, its arguments)
+#: name -> (registry optimizer, its arguments); CBLR's absolute rule (MCLR's cases take the median rule)
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    **{f"{name}-{curvature}": (name, {"lr": lr, "curvature": curvature, "weight_decay": 0.01, "sample_size": 50})
+    **{f"{name}-{curvature}": (name, {"lr": lr, "curvature": curvature, "rate_rule": "inverse_curvature", "weight_decay": 0.01,
+                                      "sample_size": 50})
        for name, lr in (("cblr", 0.05), ("cblr_adam", 0.01)) for curvature in ("secant", "weight_norm", "secant_elementwise")},
     # MCLR: secant_elementwise, median (hutchinson needs a closure); samples of 50 elements, or whole layers
     **{f"{name}-secant_elementwise-{size or 'all'}": (name, {"lr": lr, "weight_decay": 0.01, "sample_size": size})
