@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
-from workers.parity import single_process_run
+from workers.parity import assert_matches, single_process_run
 
 import hf_cblr
 from hf_cblr.integrations import deepspeed as zero
@@ -74,12 +74,7 @@ def zero_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 def test_zero_matches_single_process(zero_run: dict[str, dict[str, Any]], case: str) -> None:
     result = zero_run[case]
     assert "0.weight" in result["split_layers"]  # a layer is cut across the two ranks' partitions
-    expected_parameters, expected_stats, _ = reference(case)
-    torch.testing.assert_close(result["parameters"], expected_parameters, rtol=1e-5, atol=1e-6)
-    assert result["layer_stats"].keys() == expected_stats.keys()
-    for layer, stats in expected_stats.items():
-        for key, value in stats.items():
-            assert result["layer_stats"][layer][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (layer, key)
+    assert_matches(result, reference(case))
 
 
 @pytest.mark.multiprocess

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from workers.parity import single_process_run
+from workers.parity import assert_matches, single_process_run
 
 import hf_cblr
 from hf_cblr.optim.dtensor_layers import check_dtensor_support
@@ -71,12 +71,7 @@ def run_worker(ranks: int, output: Path, *args: str) -> None:
 @pytest.mark.parametrize("case", list(worker.CASES))
 def test_fsdp2_matches_single_process(fsdp2_run: dict[str, dict[str, Any]], case: str) -> None:
     result = fsdp2_run[case]
-    expected_parameters, expected_stats, _ = reference(case)
-    torch.testing.assert_close(result["parameters"], expected_parameters, rtol=1e-5, atol=1e-6)
-    assert result["layer_stats"].keys() == expected_stats.keys()
-    for layer, stats in expected_stats.items():
-        for key, value in stats.items():
-            assert result["layer_stats"][layer][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (layer, key)
+    assert_matches(result, reference(case))
 
 
 @pytest.mark.multiprocess

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
+import pytest
+import torch
 from torch import Tensor
 
 import hf_cblr
@@ -22,3 +25,13 @@ def single_process_run(worker: ModuleType, case: str) -> tuple[dict[str, Tensor]
         optimizer.step()
     parameters = {n: p.detach().clone() for n, p in model.named_parameters()}
     return parameters, optimizer.layer_stats(), worker.state_bytes(dict(optimizer.state))
+
+
+def assert_matches(result: dict[str, Any], expected: tuple[dict[str, Tensor], dict[str, dict[str, float]], int]) -> None:
+    """A sharded run's parameters (rtol 1e-5) and every per-layer statistic (rel 1e-5) equal the single-process run's."""
+    expected_parameters, expected_stats, _ = expected
+    torch.testing.assert_close(result["parameters"], expected_parameters, rtol=1e-5, atol=1e-6)
+    assert result["layer_stats"].keys() == expected_stats.keys()
+    for layer, stats in expected_stats.items():
+        for key, value in stats.items():
+            assert result["layer_stats"][layer][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (layer, key)
