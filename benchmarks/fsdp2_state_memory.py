@@ -22,13 +22,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from state_memory import WEIGHT_DECAY, bert, torch_groups
+from state_memory import WEIGHT_DECAY, bert, state_bytes, torch_groups
 
 import hf_cblr
 
@@ -44,18 +42,6 @@ OPTIMIZERS: dict[str, Any] = {
     "mclr": lambda model: hf_cblr.create_optimizer(model, "mclr", lr=0.1, weight_decay=WEIGHT_DECAY),
 }
 BATCH_PER_RANK, SEQUENCE_LENGTH = 4, 32
-
-
-def local_state_bytes(state: dict[Any, dict[str, Any]]) -> int:
-    """Bytes of the optimizer state this rank holds: a DTensor's local shard, every plain tensor."""
-    total = 0
-    for layer_state in state.values():
-        for value in layer_state.values():
-            if isinstance(value, DTensor):
-                value = value.to_local()
-            if isinstance(value, Tensor):
-                total += value.nbytes
-    return total
 
 
 def per_rank_state_bytes(name: str, scale: float) -> tuple[list[int], int]:
@@ -77,7 +63,7 @@ def per_rank_state_bytes(name: str, scale: float) -> tuple[list[int], int]:
         model(input_ids=tokens, labels=labels).loss.backward()
         optimizer.step()
     counts = [torch.zeros((), dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor(local_state_bytes(optimizer.state)))
+    dist.all_gather(counts, torch.tensor(state_bytes(optimizer)))
     return [int(count) for count in counts], num_parameters
 
 

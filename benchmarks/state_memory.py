@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -73,12 +74,14 @@ def optimizer_factories() -> dict[str, Callable[[nn.Module], Optimizer]]:
 
 
 def state_bytes(optimizer: Optimizer) -> int:
-    """Bytes of every tensor held in ``optimizer.state``, nested ones included (under DeepSpeed ZeRO the
-    per-layer scalars are vectors in a dict of the partition's state)."""
+    """Bytes of every tensor held in ``optimizer.state`` on this rank, nested ones included (under DeepSpeed ZeRO the
+    per-layer scalars are vectors in a dict of the partition's state; of a DTensor, its local shard)."""
     return _tensor_bytes(list(optimizer.state.values()))
 
 
 def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, DTensor):
+        value = value.to_local()
     if isinstance(value, Tensor):
         return value.nbytes
     if isinstance(value, dict):
