@@ -23,12 +23,9 @@ This module does that, and sets the two config flags a client optimizer needs:
 * :func:`pop_optimizer_section`, and :func:`take_trainer_optimizer_section`, which
   :class:`~hf_cblr.trainer.CBLRTrainer` uses for a DeepSpeed config with our section.
 
-**Type names** (:mod:`hf_cblr.integrations.deepspeed_types`). Every registry optimizer has one ``"type"``, listed in
-:data:`DEEPSPEED_OPTIMIZER_TYPES`: the method's acronym in capitals, then the base capitalized (``cblr`` -> ``CBLR``,
-``mclr_adam`` -> ``MCLRAdam``); a spelling that DeepSpeed already owns gets the ``HfCblr`` prefix (``lamb`` ->
-``HfCblrLAMB``, as ``LAMB`` is DeepSpeed's FusedLamb). The types match in any case, as DeepSpeed matches its own; one
-that looks like ours but is none of them raises ``ValueError`` naming the valid types; the base is part of the type,
-so a ``"base"`` in ``"params"`` is refused, naming the types.
+**Type names**: one per registry optimizer (``CBLR``, ``MCLRAdam``, ``HfCblrLAMB`` ...), derived and matched as
+:mod:`hf_cblr.integrations.deepspeed_types` says; the base is part of the type, so a ``"base"`` in ``"params"`` is
+refused, naming the types.
 
 **"auto" params.** Under ``CBLRTrainer`` transformers' ``HfTrainerDeepSpeedConfig`` fills the section's ``"auto"``
 values as it does for DeepSpeed's own optimizers (:data:`TRAINER_FILLED_PARAMS`: ``lr`` from ``learning_rate``,
