@@ -34,7 +34,7 @@ class RateRule:
         return rates
 
 
-#: The rules by name; ``@register_rate_rule`` adds a class by its ``name`` (an optimizer class's ``rate_rule``).
+#: The rules by name; ``@register_rate_rule`` adds a class by its ``name``, which the ``rate_rule`` setting selects.
 RATE_RULES: Registry[RateRule] = Registry("rate_rule")
 register_rate_rule = RATE_RULES.register
 create_rate_rule = RATE_RULES.create
