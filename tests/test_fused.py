@@ -33,8 +33,19 @@ from torch._dynamo.utils import counters
 
 import hf_cblr
 from hf_cblr import CBLR, LAMB, LARS, MCLR
-from hf_cblr.optim import _tensor_ops
-from hf_cblr.optim._tensor_ops import FusedTensorListOps, fused_kernels_available
+from hf_cblr.optim import _cpu_kernels, _tensor_ops
+from hf_cblr.optim._cpu_kernels import cpu_kernels
+from hf_cblr.optim._tensor_ops import (
+    FOREACH_OPS,
+    FUSED_OPS,
+    FusedTensorListOps,
+    adam_direction_lists,
+    adam_update_lists,
+    compiled,
+    fused_kernels_available,
+    momentum_update_lists,
+    plain_update_lists,
+)
 
 STEPS = 20
 SHAPES = [(12, 10), (12,), (6, 12), (6,), (3, 4, 5)]
@@ -61,6 +72,17 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
         monkeypatch.setattr(FusedTensorListOps, method, spy)
     yield calls
+
+
+@pytest.fixture(params=["cpu_kernels", "inductor"])
+def kernel_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which kernels the fused path runs on the CPU: the C++ kernels (``hf_cblr/optim/csrc/fused_cpu.cpp``, where they are
+    built), or Inductor's compiled kernels, which are the fused path on the GPU and where the C++ kernels cannot be built."""
+    if request.param == "inductor":
+        monkeypatch.setattr(_tensor_ops, "cpu_kernels", lambda: None)
+    elif cpu_kernels() is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    return request.param
 
 
 def _model(dtype: torch.dtype, device: str) -> list[tuple[str, nn.Parameter]]:
@@ -113,7 +135,7 @@ def _element_state(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[f"{n}-{k.get('curvature', 'default')}" for n, k in CASES])
 def test_fused_equals_foreach_over_20_steps(name: str, kwargs: dict[str, Any], dtype: torch.dtype, device: str,
-                                            kernel_calls: list[str]) -> None:
+                                            kernel_route: str, kernel_calls: list[str]) -> None:
     fused_weights, fused = _run(name, kwargs, True, dtype, device)
     assert kernel_calls, "the fused kernels did not run"
     foreach_weights, foreach = _run(name, kwargs, False, dtype, device)
@@ -126,7 +148,7 @@ def test_fused_equals_foreach_over_20_steps(name: str, kwargs: dict[str, Any], d
     assert fused_rates == pytest.approx(foreach_rates, rel=1e-5)
 
 
-def test_lars_and_lamb_equalities_hold_on_the_fused_kernels(kernel_calls: list[str]) -> None:
+def test_lars_and_lamb_equalities_hold_on_the_fused_kernels(kernel_route: str, kernel_calls: list[str]) -> None:
     """``tests/test_optim_reference.py``'s equalities: LARS and LAMB are CBLR with the weight-norm curvature, bit for bit,
     and match their papers' formulas; here on the fused kernels."""
     weights, gradient = _problem()
@@ -160,7 +182,7 @@ def test_lars_and_lamb_equalities_hold_on_the_fused_kernels(kernel_calls: list[s
 
 
 @pytest.mark.parametrize(("name", "kwargs"), [("lars", {}), ("cblr_adam", {"curvature": "secant"}), ("mclr", {})])
-def test_fused_resume_is_bit_exact(name: str, kwargs: dict[str, Any], kernel_calls: list[str]) -> None:
+def test_fused_resume_is_bit_exact(name: str, kwargs: dict[str, Any], kernel_route: str, kernel_calls: list[str]) -> None:
     """10 steps, a state dict, 10 more steps; a new optimizer loading that state dict takes the same 10 steps, bit for bit."""
     named = _model(torch.float32, "cpu")
     optimizer = hf_cblr.create_optimizer(_groups(named), name, lr=LEARNING_RATES[name], fused=True, **kwargs)
@@ -191,9 +213,11 @@ def test_fused_resume_is_bit_exact(name: str, kwargs: dict[str, Any], kernel_cal
 
 @pytest.mark.parametrize(("name", "kwargs"), [("lars", {}), ("cblr", {"momentum": 0.0, "curvature": "secant"}),
                                               ("cblr_adam", {"curvature": "secant"}), ("lamb", {})])
-def test_no_recompiles_over_20_steps(name: str, kwargs: dict[str, Any], kernel_calls: list[str]) -> None:
+def test_no_recompiles_over_20_steps(name: str, kwargs: dict[str, Any], kernel_calls: list[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """After the first step, 19 steps with a changing lr, changing rates and a second param group (other sizes, other
-    weight decay) compile no new graph."""
+    weight decay) compile no new graph (Inductor's kernels; the C++ kernels compile nothing per step)."""
+    monkeypatch.setattr(_tensor_ops, "cpu_kernels", lambda: None)
     _run(name, kwargs, True, steps=1)  # compiles what this configuration needs (if an earlier test has not)
     graphs_before = counters["stats"]["unique_graphs"]
     calls_before = len(kernel_calls)
@@ -205,8 +229,8 @@ def test_no_recompiles_over_20_steps(name: str, kwargs: dict[str, Any], kernel_c
 
 
 @pytest.mark.parametrize(("name", "kwargs"), [("lars", {}), ("cblr_adam", {"curvature": "secant"})])
-def test_one_compiled_call_per_param_group_and_step(name: str, kwargs: dict[str, Any], kernel_calls: list[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_compiled_call_per_param_group_and_step(name: str, kwargs: dict[str, Any], kernel_route: str,
+                                                    kernel_calls: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused kernels take all the layers of a param group in one compiled call (horizontally fused), where the foreach
     path takes chunks of a few layers: with chunks of at most 40 elements (one layer each), still one call per group."""
     monkeypatch.setattr(_tensor_ops, "CPU_CHUNK_ELEMENTS", 40)
@@ -250,3 +274,86 @@ def test_fused_is_a_validated_setting_of_every_registry_optimizer() -> None:
         CBLR(params, fused="yes")
     with pytest.raises(ValueError, match="fused=True and foreach=True"):
         LAMB(params, fused=True, foreach=True)
+
+
+#: Layer sizes for the kernels' own tests: one element, a vector, and layers across the C++ kernels' chunks of 2^15.
+KERNEL_SIZES = [1, 7, 300, 40_000, 70_001]
+
+
+def _lists(dtype: torch.dtype, count: int, positive: tuple[int, ...] = ()) -> list[list[Tensor]]:
+    generator = torch.Generator().manual_seed(7)
+    return [[(torch.randn(n, generator=generator, dtype=torch.float64).abs() if k in positive
+              else torch.randn(n, generator=generator, dtype=torch.float64)).to(dtype) for n in KERNEL_SIZES]
+            for k in range(count)]
+
+
+def _clones(lists: list[list[Tensor]]) -> list[list[Tensor]]:
+    return [[t.clone() for t in ts] for ts in lists]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("one_minus_beta1", [0.1, 0.7], ids=["lerp-low", "lerp-high"])
+def test_cpu_kernels_equal_inductor_kernels(dtype: torch.dtype, one_minus_beta1: float) -> None:
+    """Each C++ kernel computes what its Python kernel computes (compiled by Inductor): the same moments, weights and
+    sums (to 1e-6 relative per layer in fp32: the compilers round differently, e.g. in fused multiply-adds), across
+    both branches of torch's lerp, layers of one element and layers over several chunks."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    tolerance = {"rtol": 1e-6, "atol": 0} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 0}
+    layers = len(KERNEL_SIZES)
+    generator = torch.Generator().manual_seed(3)
+    adam_rows = torch.tensor([[one_minus_beta1, 0.999, 0.001, 1e-8, a, b] for a, b in
+                              torch.rand(layers, 2, generator=generator, dtype=torch.float64).tolist()], dtype=dtype)
+    factors = torch.rand(layers, generator=generator, dtype=torch.float64).to(dtype) * 1e-2
+    grads, weights, exp_avgs, exp_avg_sqs = _lists(dtype, 4, positive=(3,))
+    ours, theirs = _clones([weights, exp_avgs, exp_avg_sqs]), _clones([weights, exp_avgs, exp_avg_sqs])
+    sums = kernels.adam_direction(grads, ours[0], ours[1], ours[2], adam_rows.double())
+    expected = compiled(adam_direction_lists)(grads, theirs[0], theirs[1], theirs[2], adam_rows)
+    torch.testing.assert_close(sums.to(dtype), expected, **tolerance)
+    kernels.adam_update(ours[0], ours[1], ours[2], adam_rows.double(), factors.double())
+    compiled(adam_update_lists)(theirs[0], theirs[1], theirs[2], adam_rows, factors)
+    for mine, reference in zip(ours, theirs, strict=True):
+        _assert_relatively_close(mine, reference, tolerance["rtol"])
+
+    for nesterov in (False, True):
+        momentum_rows = torch.tensor([[0.01 * i, 0.5 + i, 0.1, 0.9, 0.9, 1.0 if nesterov else 0.0, 0.9 if nesterov else 1.0]
+                                      for i in range(layers)], dtype=dtype)
+        grads, weights, buffers = _lists(dtype, 3)
+        ours, theirs = _clones([weights, buffers]), _clones([weights, buffers])
+        sums = kernels.momentum_update(grads, ours[0], ours[1], momentum_rows.double())
+        expected = compiled(momentum_update_lists)(grads, theirs[0], theirs[1], momentum_rows)
+        torch.testing.assert_close(sums.to(dtype), expected, **tolerance)
+        for mine, reference in zip(ours, theirs, strict=True):
+            _assert_relatively_close(mine, reference, tolerance["rtol"])
+    ours, theirs = [w.clone() for w in weights], [w.clone() for w in weights]
+    sums = kernels.momentum_update(grads, ours, [], momentum_rows.double())
+    expected = compiled(plain_update_lists)(grads, theirs, momentum_rows)
+    torch.testing.assert_close(sums.to(dtype), expected, **tolerance)
+    _assert_relatively_close(ours, theirs, tolerance["rtol"])
+
+    torch.testing.assert_close(FUSED_OPS.norms(grads), FOREACH_OPS.norms(grads), **tolerance)
+
+
+def test_where_the_cpu_kernels_cannot_be_built_inductor_runs_with_one_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, kernel_calls: list[str]) -> None:
+    """A failed build (no ninja, a compiler error) logs one warning; the fused path then runs Inductor's kernels, which
+    give the C++ kernels' numbers."""
+    from torch.utils import cpp_extension
+
+    def failing_load(**options: Any) -> Any:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    expected, _ = _run("lamb", {}, True, steps=3)
+    cpu_kernels.cache_clear()
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    try:
+        with caplog.at_level(logging.WARNING, logger=_cpu_kernels.__name__):
+            weights, _ = _run("lamb", {}, True, steps=3)
+            _run("lars", {}, True, steps=3)
+    finally:
+        cpu_kernels.cache_clear()
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "Inductor's fused kernels" in warnings[0].getMessage()
+    assert "adam_direction" in kernel_calls and "momentum_update" in kernel_calls
+    _assert_relatively_close(weights, expected)

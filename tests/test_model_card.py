@@ -268,7 +268,7 @@ def test_template_ships_in_the_package() -> None:
 @pytest.mark.slow
 def test_card_from_an_installed_wheel(tmp_path: Path) -> None:
     """A wheel of the package, installed (no dependencies, no source tree on the path) into a fresh virtual environment
-    that sees this one's packages, writes a card."""
+    that sees this one's packages, writes a card; it ships the C++ source of the fused step's CPU kernels too."""
     source = Path(hf_cblr.__file__).resolve().parents[1]
     tree = tmp_path / "source"
     tree.mkdir()
@@ -301,6 +301,8 @@ def test_card_from_an_installed_wheel(tmp_path: Path) -> None:
                              optimizer_class="hf_cblr.optim.lamb.LAMB", optimizer_hyperparameters={"lr": 0.001},
                              metrics={"accuracy": 0.5})
         create_model_card(info).save("README.md")
+        from hf_cblr.optim._cpu_kernels import SOURCE
+        assert SOURCE.is_file() and SOURCE.is_relative_to(Path(sys.prefix)), SOURCE
     """)
     result = subprocess.run([str(python), "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -26,6 +26,12 @@ accumulation above 4096 elements): in a training run once per param group and ke
 counts and hyperparameters are tensor inputs, so changing them never recompiles. :func:`fused_kernels_available`
 tells, once per device type, whether Inductor can compile there (a C++ compiler on the CPU, Triton on the GPU); where it
 cannot, it logs one warning and :func:`select_ops` picks the foreach kernels instead.
+
+On the CPU the same kernels run as C++ (``csrc/fused_cpu.cpp``, built by :mod:`hf_cblr.optim._cpu_kernels`) where every
+tensor of a list is a contiguous fp32 or fp64 CPU tensor: Inductor does not put a reduction and the in-place stores of
+the same elements in one loop, so its reduction pass reads the layer twice, where the C++ kernel reads it once. There
+the fused path's norms are one C++ pass per tensor too (:meth:`FusedTensorListOps.norms`). Where the C++ kernels cannot
+be built, Inductor's run (one logged warning).
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from hf_cblr.optim._cpu_kernels import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -403,30 +412,63 @@ class FusedTensorListOps(ForeachTensorListOps):
         """None: the step takes each batch whole, one compiled call per list (see the class docstring)."""
         return None
 
+    def norms(self, xs: Sequence[Tensor]) -> Tensor:
+        """On the CPU one pass per tensor of the C++ kernels (torch's CPU norm runs at about half the memory bandwidth);
+        elsewhere the foreach norms."""
+        kernels = _cpu_kernels_for(xs)
+        if kernels is None:
+            return super().norms(xs)
+        return kernels.sums_of_squares(list(xs)).sqrt_().to(xs[0].dtype)
+
     def adam_direction(self, grads: Sequence[Tensor], weights: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                        exp_avg_sqs: Sequence[Tensor], coefficients: Tensor) -> Tensor:
         """:func:`adam_direction_kernel` on every layer, with the coefficient rows ``coefficients`` (``[layers, 6]``):
         the moments, and the ``[layers, 4]`` sums of squares of ``g, m, q, d``."""
-        sums = compiled(adam_direction_lists)(_flats(grads), _flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs),
-                                              coefficients)
+        kernels = _cpu_kernels_for(grads, weights, exp_avgs, exp_avg_sqs)
+        if kernels is not None:
+            sums = kernels.adam_direction(list(grads), list(weights), list(exp_avgs), list(exp_avg_sqs),
+                                          coefficients.double()).to(grads[0].dtype)
+        else:
+            sums = compiled(adam_direction_lists)(_flats(grads), _flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs),
+                                                  coefficients)
         return self.all_reduce_sum(sums)
 
     def adam_update(self, weights: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
                     coefficients: Tensor, factors: Tensor) -> None:
         """:func:`adam_update_kernel` on every layer: ``w -= f d``, with :meth:`adam_direction`'s ``coefficients`` and the
         per-layer ``factors`` ``f``."""
-        compiled(adam_update_lists)(_flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs), coefficients, factors)
+        kernels = _cpu_kernels_for(weights, exp_avgs, exp_avg_sqs)
+        if kernels is not None:
+            kernels.adam_update(list(weights), list(exp_avgs), list(exp_avg_sqs), coefficients.double(), factors.double())
+        else:
+            compiled(adam_update_lists)(_flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs), coefficients, factors)
 
     def momentum_update(self, grads: Sequence[Tensor], weights: Sequence[Tensor], buffers: Sequence[Tensor] | None,
                         coefficients: Tensor) -> Tensor:
         """:func:`momentum_update_kernel` on every layer (without ``buffers``:
         :func:`plain_update_kernel`), with the coefficient rows ``coefficients`` (``[layers, 7]``);
         returns the sums of squares of the steps."""
-        if buffers is None:
+        kernels = _cpu_kernels_for(grads, weights, buffers or [])
+        if kernels is not None:
+            sums = kernels.momentum_update(list(grads), list(weights), list(buffers or []), coefficients.double())
+            sums = sums.to(grads[0].dtype)
+        elif buffers is None:
             sums = compiled(plain_update_lists)(_flats(grads), _flats(weights), coefficients)
         else:
             sums = compiled(momentum_update_lists)(_flats(grads), _flats(weights), _flats(buffers), coefficients)
         return self.all_reduce_sum(sums)
+
+
+def _cpu_kernels_for(*lists: Sequence[Tensor]) -> ModuleType | None:
+    """The C++ kernels (:func:`~hf_cblr.optim._cpu_kernels.cpu_kernels`) where every tensor of ``lists`` is a contiguous
+    CPU tensor of one dtype, fp32 or fp64, and they are built; else None (Inductor's kernels)."""
+    tensors = [t for ts in lists for t in ts]
+    if not tensors or tensors[0].dtype not in (torch.float32, torch.float64):
+        return None
+    dtype = tensors[0].dtype
+    if not all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors):
+        return None
+    return cpu_kernels()
 
 
 def _flats(tensors: Sequence[Tensor]) -> TensorList:

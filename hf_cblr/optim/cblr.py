@@ -44,7 +44,7 @@ from hf_cblr.optim.layer_sources import LayerSource, LocalLayers
 from hf_cblr.optim.param_groups import layer_ndim
 from hf_cblr.optim.partitioned import PartitionedLayers, PartitionLayout
 from hf_cblr.optim.rates import create_rate_rule
-from hf_cblr.optim.types import LayerBatch, StateKind, in_mask
+from hf_cblr.optim.types import LayerBatch, LayerSums, StateKind, in_mask
 
 #: The per-parameter state entries of torch's optimizers, to name what saved a state that is not ours.
 FOREIGN_STATE_ENTRIES = {
@@ -227,7 +227,8 @@ class CBLR(Optimizer):
         if not batches:
             return loss
         if source is self._local and self.fused:  # the fused kernels take whole layers (their norms are not reduced)
-            batches = [replace(batch, ops=select_ops(self.foreach, batch.params, fused=True)) for batch in batches]
+            batches = [replace(batch, ops=ops, sums=LayerSums(ops)) for batch in batches
+                       for ops in [select_ops(self.foreach, batch.params, fused=True)]]
         step = self._advance_step_counters(batches)
         estimate = not self.estimator.needs_closure or (step - 1) % self.update_interval == 0
         closure_loss, stats = cblr_step(batches, self.parts, step=step, closure=closure, estimate=estimate)
