@@ -45,6 +45,7 @@ from hf_cblr.optim._tensor_ops import (
     fused_kernels_available,
     momentum_update_lists,
     plain_update_lists,
+    replace_lists,
 )
 
 STEPS = 20
@@ -331,6 +332,13 @@ def test_cpu_kernels_equal_inductor_kernels(dtype: torch.dtype, one_minus_beta1:
     expected = compiled(plain_update_lists)(grads, theirs, momentum_rows)
     torch.testing.assert_close(sums.to(dtype), expected, **tolerance)
     _assert_relatively_close(ours, theirs, tolerance["rtol"])
+
+    previous, current = _lists(dtype, 2)
+    ours, theirs = [p.clone() for p in previous], [p.clone() for p in previous]
+    sums = kernels.replace_and_difference_squares(ours, current)
+    expected = compiled(replace_lists)(theirs, current)
+    torch.testing.assert_close(sums.to(dtype), expected, **tolerance)
+    assert all(torch.equal(a, c) and torch.equal(b, c) for a, b, c in zip(ours, theirs, current, strict=True))
 
     torch.testing.assert_close(FUSED_OPS.norms(grads), FOREACH_OPS.norms(grads), **tolerance)
 

@@ -343,6 +343,14 @@ def plain_update_kernel(grad: Tensor, weight: Tensor, coefficients: Tensor) -> T
     return step.square().sum()
 
 
+def replace_kernel(previous: Tensor, current: Tensor) -> Tensor:
+    r""":math:`\|p - c\|^2`, and :math:`p \leftarrow c`, in one pass: the secant's change of gradient and its copy of
+    :math:`g_t` for the next step."""
+    change = previous - current
+    previous.copy_(current)
+    return change.square().sum()
+
+
 def adam_direction_lists(grads: TensorList, weights: TensorList, exp_avgs: TensorList, exp_avg_sqs: TensorList,
                          coefficients: Tensor) -> Tensor:
     """:func:`adam_direction_kernel` on every layer of a list, row ``i`` of ``coefficients`` (``[layers, 6]``) for
@@ -357,6 +365,11 @@ def adam_update_lists(weights: TensorList, exp_avgs: TensorList, exp_avg_sqs: Te
     """:func:`adam_update_kernel` on every layer of a list (``coefficients``: ``[layers, 6]``, ``factors``: ``[layers]``)."""
     for w, m, v, row, factor in zip(weights, exp_avgs, exp_avg_sqs, coefficients.unbind(), factors.unbind(), strict=True):
         adam_update_kernel(w, m, v, row, factor)
+
+
+def replace_lists(previous: TensorList, current: TensorList) -> Tensor:
+    """:func:`replace_kernel` on every pair of a list; returns the ``[layers]`` sums of squares."""
+    return torch.stack([replace_kernel(p, c) for p, c in zip(previous, current, strict=True)])
 
 
 def momentum_update_lists(grads: TensorList, weights: TensorList, buffers: TensorList, coefficients: Tensor) -> Tensor:
@@ -419,6 +432,17 @@ class FusedTensorListOps(ForeachTensorListOps):
         if kernels is None:
             return super().norms(xs)
         return kernels.sums_of_squares(list(xs)).sqrt_().to(xs[0].dtype)
+
+    def replace(self, previous: Sequence[Tensor], current: Sequence[Tensor]) -> Tensor:
+        """:func:`replace_kernel` on every pair: the norms :math:`|p - c|`, and ``previous`` holding ``current``."""
+        if not previous:
+            return torch.empty(0)
+        kernels = _cpu_kernels_for(previous, current)
+        if kernels is not None:
+            squares = kernels.replace_and_difference_squares(list(previous), list(current)).to(previous[0].dtype)
+        else:
+            squares = compiled(replace_lists)(_flats(previous), _flats(current))
+        return squares.sqrt_()
 
     def adam_direction(self, grads: Sequence[Tensor], weights: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                        exp_avg_sqs: Sequence[Tensor], coefficients: Tensor) -> Tensor:

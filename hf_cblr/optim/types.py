@@ -114,6 +114,11 @@ class LayerSums:
         """The 2-norm of every tensor of ``xs`` (one vector); on fragments, after :meth:`reduce`."""
         return self._register(self.kernels.norms(xs), is_norm=True)
 
+    def add_norms(self, norms: Tensor) -> Tensor:
+        """Norms a kernel of its own took (one per layer; on fragments this rank's partial norms), to be reduced as the
+        norms of :meth:`norms` are; returns them."""
+        return self._register(norms, is_norm=True)
+
     def dots(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
         """The inner product of every pair of ``xs`` and ``ys`` (one vector); on fragments, after :meth:`reduce`."""
         return self._register(self.kernels.dot(xs, ys), is_norm=False)

@@ -105,6 +105,21 @@ void squares_range(const T* __restrict__ x, int64_t begin, int64_t end, std::arr
   sums[0] += s0;
 }
 
+// The sum of squares of p - c, and p <- c.
+template <typename T>
+void replace_range(T* __restrict__ previous, const T* __restrict__ current, int64_t begin, int64_t end,
+                   std::array<double, 1>& sums) {
+  T s0 = 0;
+#pragma omp simd reduction(+ : s0)
+  for (int64_t j = begin; j < end; ++j) {
+    const T cj = current[j];
+    const T change = previous[j] - cj;
+    previous[j] = cj;
+    s0 += change * change;
+  }
+  sums[0] += s0;
+}
+
 template <typename T, size_t N>
 std::array<T, N> row(const torch::Tensor& coefficients, int64_t layer) {
   const double* values = coefficients.data_ptr<double>() + layer * coefficients.size(1);
@@ -190,6 +205,22 @@ torch::Tensor sums_of_squares_typed(const std::vector<torch::Tensor>& tensors) {
   return out;
 }
 
+template <typename T>
+torch::Tensor replace_and_difference_squares_typed(const std::vector<torch::Tensor>& previous,
+                                                   const std::vector<torch::Tensor>& current) {
+  const int64_t layers = static_cast<int64_t>(previous.size());
+  auto out = torch::empty({layers}, torch::dtype(torch::kFloat64));
+  double* o = out.data_ptr<double>();
+  for (int64_t i = 0; i < layers; ++i) {
+    T* p = previous[i].data_ptr<T>();
+    const T* c = current[i].data_ptr<T>();
+    o[i] = chunked_sums<1>(previous[i].numel(), [&](int64_t begin, int64_t end, std::array<double, 1>& s) {
+      replace_range<T>(p, c, begin, end, s);
+    })[0];
+  }
+  return out;
+}
+
 bool is_double(const std::vector<torch::Tensor>& tensors) {
   return !tensors.empty() && tensors[0].scalar_type() == torch::kFloat64;
 }
@@ -222,9 +253,17 @@ torch::Tensor sums_of_squares(const std::vector<torch::Tensor>& tensors) {
   return is_double(tensors) ? sums_of_squares_typed<double>(tensors) : sums_of_squares_typed<float>(tensors);
 }
 
+torch::Tensor replace_and_difference_squares(const std::vector<torch::Tensor>& previous,
+                                             const std::vector<torch::Tensor>& current) {
+  return is_double(previous) ? replace_and_difference_squares_typed<double>(previous, current)
+                             : replace_and_difference_squares_typed<float>(previous, current);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("adam_direction", &adam_direction, "Adam's moments and the sums of squares of g, m, q, d, per layer");
   module.def("adam_update", &adam_update, "w <- w - f (a w + b m / (sqrt(v) + eps)), per layer");
+  module.def("replace_and_difference_squares", &replace_and_difference_squares,
+             "the sum of squares of p - c for every pair, and p <- c");
   module.def("sums_of_squares", &sums_of_squares, "the sum of squares of every tensor, in double");
   module.def("momentum_update", &momentum_update,
              "momentum SGD's update (plain SGD with an empty buffer list) and the sum of squares of the step, per layer");

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from hf_cblr.optim._tensor_ops import FusedTensorListOps
 from hf_cblr.optim.estimators.base import CurvatureEstimator, nan_where, register_curvature_estimator
 from hf_cblr.optim.types import Closure, EstimateInput, LayerBatch, Prelude, StateKind
 
@@ -20,6 +21,8 @@ class SecantPrelude(Prelude):
 
     continuing: Tensor
     continuing_norms: Tensor
+    #: the previous-gradient buffers already hold :math:`g_t` (the fused kernels' one pass): nothing to copy at the end
+    holds_current: bool = field(default=False, kw_only=True)
 
     @property
     def grad_change_norms(self) -> Tensor:
@@ -42,6 +45,8 @@ class SecantCurvature(CurvatureEstimator):
     The previous-gradient buffer does double duty: :meth:`prepare` forms ``g_{t-1} - g_t`` in it
     and takes the norm, the step then uses it as the workspace of its direction, and :meth:`finish`
     copies ``g_t`` into it. So the secant costs the step no new tensor (``docs/algorithm.md``, "Numerics").
+    On the fused kernels (which need no workspace) :meth:`prepare` does both in one pass instead
+    (:meth:`~hf_cblr.optim._tensor_ops.FusedTensorListOps.replace`).
     """
 
     name = "secant"
@@ -52,11 +57,16 @@ class SecantCurvature(CurvatureEstimator):
         continuing = ["prev_grad" in state for state in batch.states]
         has_previous = [i for i, known in enumerate(continuing) if known]
         previous = [batch.states[i]["prev_grad"] for i in has_previous]
-        batch.ops.sub_(previous, [batch.grads[i] for i in has_previous])  # sign is irrelevant to the norm
+        current = [batch.grads[i] for i in has_previous]
         workspace: list[Tensor | None] = [None] * len(batch)
+        known = torch.tensor(continuing, device=batch.decay.device)
+        if isinstance(batch.ops, FusedTensorListOps):
+            return SecantPrelude(workspace, known, batch.sums.add_norms(batch.ops.replace(previous, current)),
+                                 holds_current=True)
+        batch.ops.sub_(previous, current)  # sign is irrelevant to the norm
         for i, buffer in zip(has_previous, previous, strict=True):
             workspace[i] = buffer
-        return SecantPrelude(workspace, torch.tensor(continuing, device=batch.decay.device), batch.sums.norms(previous))
+        return SecantPrelude(workspace, known, batch.sums.norms(previous))
 
     def estimate(self, inputs: list[EstimateInput], closure: Closure | None, step: int) -> list[Tensor]:
         estimates = []
@@ -67,8 +77,10 @@ class SecantCurvature(CurvatureEstimator):
         return estimates
 
     def finish(self, batch: LayerBatch, prelude: Prelude) -> None:
-        continuing = [i for i, state in enumerate(batch.states) if "prev_grad" in state]
-        batch.ops.copy_([batch.states[i]["prev_grad"] for i in continuing], [batch.grads[i] for i in continuing])
+        assert isinstance(prelude, SecantPrelude)
+        if not prelude.holds_current:
+            continuing = [i for i, state in enumerate(batch.states) if "prev_grad" in state]
+            batch.ops.copy_([batch.states[i]["prev_grad"] for i in continuing], [batch.grads[i] for i in continuing])
         for i, state in enumerate(batch.states):
             if "prev_grad" not in state:
                 state["prev_grad"] = batch.grads[i].detach().clone(memory_format=torch.preserve_format)

@@ -124,7 +124,8 @@ class DenoisedSecantCurvature(SecantCurvature):
                 "(the base optimizer at lr). Accumulate two or more micro-batches per step, or choose another curvature",
                 stacklevel=2,
             )
-        return DenoisedSecantPrelude(secant.workspace, secant.continuing, secant.continuing_norms, noise_fractions)
+        return DenoisedSecantPrelude(secant.workspace, secant.continuing, secant.continuing_norms, noise_fractions,
+                                     holds_current=secant.holds_current)
 
     def estimate(self, inputs: list[EstimateInput], closure: Closure | None, step: int) -> list[Tensor]:
         return [self._secants(x, *self._denoised_signal(x)) for x in inputs]
