@@ -288,7 +288,7 @@ MOMENTUM_COEFFICIENTS = ("decay", "rate", "lr", "buffer", "direction", "step_dir
 
 def adam_direction_kernel(grad: Tensor, weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, coefficients: Tensor) -> Tensor:
     r"""Adam's moments of one layer and the norms of its direction, in one pass (the reduction pass); returns the sums
-    of squares of ``g, m, q, d``. The direction is not stored: :func:`adam_update_kernel` forms it again.
+    of squares of ``g, m, q, d, w``. The direction is not stored: :func:`adam_update_kernel` forms it again.
 
     With the coefficients :data:`ADAM_COEFFICIENTS` :math:`(1 - \beta_1, \beta_2, 1 - \beta_2, \epsilon', a, b)`:
 
@@ -302,7 +302,8 @@ def adam_direction_kernel(grad: Tensor, weight: Tensor, exp_avg: Tensor, exp_avg
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad * one_minus_beta2)
     quotient = exp_avg / (exp_avg_sq.sqrt() + eps)
     direction = weight_coefficient * weight + quotient_coefficient * quotient
-    return torch.stack([grad.square().sum(), exp_avg.square().sum(), quotient.square().sum(), direction.square().sum()])
+    return torch.stack([grad.square().sum(), exp_avg.square().sum(), quotient.square().sum(), direction.square().sum(),
+                        weight.square().sum()])
 
 
 def adam_update_kernel(weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, coefficients: Tensor, factor: Tensor) -> None:
@@ -354,7 +355,7 @@ def replace_kernel(previous: Tensor, current: Tensor) -> Tensor:
 def adam_direction_lists(grads: TensorList, weights: TensorList, exp_avgs: TensorList, exp_avg_sqs: TensorList,
                          coefficients: Tensor) -> Tensor:
     """:func:`adam_direction_kernel` on every layer of a list, row ``i`` of ``coefficients`` (``[layers, 6]``) for
-    layer ``i``; returns the ``[layers, 4]`` sums of squares. Compiled, the loop unrolls into one graph: one call runs
+    layer ``i``; returns the ``[layers, 5]`` sums of squares. Compiled, the loop unrolls into one graph: one call runs
     every layer's pass."""
     return torch.stack([adam_direction_kernel(g, w, m, v, row) for g, w, m, v, row in
                         zip(grads, weights, exp_avgs, exp_avg_sqs, coefficients.unbind(), strict=True)])
@@ -447,7 +448,7 @@ class FusedTensorListOps(ForeachTensorListOps):
     def adam_direction(self, grads: Sequence[Tensor], weights: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                        exp_avg_sqs: Sequence[Tensor], coefficients: Tensor) -> Tensor:
         """:func:`adam_direction_kernel` on every layer, with the coefficient rows ``coefficients`` (``[layers, 6]``):
-        the moments, and the ``[layers, 4]`` sums of squares of ``g, m, q, d``."""
+        the moments, and the ``[layers, 5]`` sums of squares of ``g, m, q, d, w``."""
         kernels = _cpu_kernels_for(grads, weights, exp_avgs, exp_avg_sqs)
         if kernels is not None:
             sums = kernels.adam_direction(list(grads), list(weights), list(exp_avgs), list(exp_avg_sqs),

@@ -215,7 +215,8 @@ class Direction:
     The step of layer :math:`l` is :math:`-\eta\, r_l\, u_l` with :math:`u_l = k_l\, d_l`: ``tensors`` hold
     :math:`d_l` and ``scales`` the :math:`k_l` (None: all 1), so per-layer factors cost no pass over the layer.
     ``grad_norms`` are :math:`|g_l|` and ``tensor_norms`` :math:`|d_l|` where the base computes them (None: not
-    computed), both from the batch's :class:`LayerSums` (read them after its reduction); :attr:`norms` is
+    computed), both from the batch's :class:`LayerSums` (read them after its reduction), as ``weight_norms``
+    :math:`|w_l|` where the base takes them in its own pass (the fused Adam kernels; None elsewhere); :attr:`norms` is
     :math:`|u_l|`. Its methods are the base's preconditioner :math:`P` (the identity for momentum SGD), which the
     estimators apply without knowing which base they run on.
     """
@@ -224,6 +225,7 @@ class Direction:
     grad_norms: Tensor
     scales: Tensor | None = None
     tensor_norms: Tensor | None = None
+    weight_norms: Tensor | None = None
 
     @property
     def norms(self) -> Tensor | None:

@@ -37,13 +37,13 @@ inline T lerp(T m, T g, T w_or_its_complement) {
   return HIGH ? g - w_or_its_complement * (g - m) : m + w_or_its_complement * (g - m);
 }
 
-// Adam's moments and the sums of squares of g, m, q = m / (sqrt(v) + eps), d = a w + b q.
+// Adam's moments and the sums of squares of g, m, q = m / (sqrt(v) + eps), d = a w + b q and w.
 template <typename T, bool HIGH>
 void adam_direction_range(const T* __restrict__ g, const T* __restrict__ w, T* __restrict__ m, T* __restrict__ v,
-                          const std::array<T, 6>& c, int64_t begin, int64_t end, std::array<double, 4>& sums) {
+                          const std::array<T, 6>& c, int64_t begin, int64_t end, std::array<double, 5>& sums) {
   const T weight = HIGH ? T(1) - c[0] : c[0], beta2 = c[1], one_minus_beta2 = c[2], eps = c[3], a = c[4], b = c[5];
-  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  T s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
   for (int64_t j = begin; j < end; ++j) {
     const T gj = g[j];
     const T mj = lerp<T, HIGH>(m[j], gj, weight);
@@ -51,16 +51,19 @@ void adam_direction_range(const T* __restrict__ g, const T* __restrict__ w, T* _
     m[j] = mj;
     v[j] = vj;
     const T q = mj / (std::sqrt(vj) + eps);
-    const T d = a * w[j] + b * q;
+    const T wj = w[j];
+    const T d = a * wj + b * q;
     s0 += gj * gj;
     s1 += mj * mj;
     s2 += q * q;
     s3 += d * d;
+    s4 += wj * wj;
   }
   sums[0] += s0;
   sums[1] += s1;
   sums[2] += s2;
   sums[3] += s3;
+  sums[4] += s4;
 }
 
 // w <- w - f (a w + b m / (sqrt(v) + eps)).
@@ -133,7 +136,7 @@ torch::Tensor adam_direction_typed(const std::vector<torch::Tensor>& grads, cons
                                    const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
                                    const torch::Tensor& coefficients) {
   const int64_t layers = static_cast<int64_t>(grads.size());
-  auto out = torch::empty({layers, 4}, torch::dtype(torch::kFloat64));
+  auto out = torch::empty({layers, 5}, torch::dtype(torch::kFloat64));
   double* o = out.data_ptr<double>();
   for (int64_t i = 0; i < layers; ++i) {
     const T* g = grads[i].data_ptr<T>();
@@ -142,13 +145,13 @@ torch::Tensor adam_direction_typed(const std::vector<torch::Tensor>& grads, cons
     T* v = exp_avg_sqs[i].data_ptr<T>();
     const auto c = row<T, 6>(coefficients, i);
     const bool high = std::abs(c[0]) >= T(0.5);
-    const auto sums = chunked_sums<4>(grads[i].numel(), [&](int64_t begin, int64_t end, std::array<double, 4>& s) {
+    const auto sums = chunked_sums<5>(grads[i].numel(), [&](int64_t begin, int64_t end, std::array<double, 5>& s) {
       if (high)
         adam_direction_range<T, true>(g, w, m, v, c, begin, end, s);
       else
         adam_direction_range<T, false>(g, w, m, v, c, begin, end, s);
     });
-    for (int k = 0; k < 4; ++k) o[i * 4 + k] = sums[k];
+    for (int k = 0; k < 5; ++k) o[i * 5 + k] = sums[k];
   }
   return out;
 }
@@ -260,7 +263,7 @@ torch::Tensor replace_and_difference_squares(const std::vector<torch::Tensor>& p
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("adam_direction", &adam_direction, "Adam's moments and the sums of squares of g, m, q, d, per layer");
+  module.def("adam_direction", &adam_direction, "Adam's moments and the sums of squares of g, m, q, d, w, per layer");
   module.def("adam_update", &adam_update, "w <- w - f (a w + b m / (sqrt(v) + eps)), per layer");
   module.def("replace_and_difference_squares", &replace_and_difference_squares,
              "the sum of squares of p - c for every pair, and p <- c");
