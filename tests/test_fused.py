@@ -241,21 +241,29 @@ def test_one_compiled_call_per_param_group_and_step(name: str, kwargs: dict[str,
 
 def test_without_a_compiler_fused_falls_back_to_foreach_with_one_warning(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, kernel_calls: list[str]) -> None:
-    """torch.compile compiles on a kernel's first call: a machine without a C++ compiler (or Triton) fails there."""
+    """torch.compile compiles on a kernel's first call: a machine without a C++ compiler (or Triton) fails there, and so
+    does the build of the C++ kernels."""
+    from torch.utils import cpp_extension
 
     def compile_without_compiler(function: Any, **options: Any) -> Any:
         def failing(*args: Any) -> Any:
             raise RuntimeError("InductorError: CppCompileError: no C++ compiler found (g++, clang++)")
         return failing
 
+    def load_without_compiler(**options: Any) -> Any:
+        raise RuntimeError("Error building extension: c++: command not found")
+
     fused_kernels_available.cache_clear()
+    cpu_kernels.cache_clear()
     monkeypatch.setattr(torch, "compile", compile_without_compiler)
+    monkeypatch.setattr(cpp_extension, "load", load_without_compiler)
     try:
         with caplog.at_level(logging.WARNING, logger=_tensor_ops.__name__):
             fused_weights, _ = _run("cblr_adam", {"curvature": "secant"}, True, steps=3)
             lars_weights, _ = _run("lars", {}, True, steps=3)
     finally:
         fused_kernels_available.cache_clear()
+        cpu_kernels.cache_clear()
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1 and "foreach kernels" in warnings[0].getMessage()
     assert kernel_calls == []
@@ -343,10 +351,10 @@ def test_cpu_kernels_equal_inductor_kernels(dtype: torch.dtype, one_minus_beta1:
     torch.testing.assert_close(FUSED_OPS.norms(grads), FOREACH_OPS.norms(grads), **tolerance)
 
 
-def test_where_the_cpu_kernels_cannot_be_built_inductor_runs_with_one_warning(
+def test_where_the_cpu_kernels_cannot_be_built_fused_runs_inductors_kernels(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, kernel_calls: list[str]) -> None:
-    """A failed build (no ninja, a compiler error) logs one warning; the fused path then runs Inductor's kernels, which
-    give the C++ kernels' numbers."""
+    """A failed build (no ninja, a compiler error) logs its reason once, at INFO, and no warning: ``fused=True`` then
+    runs Inductor's kernels, which give the C++ kernels' numbers, and the default path the foreach kernels."""
     from torch.utils import cpp_extension
 
     def failing_load(**options: Any) -> Any:
@@ -356,12 +364,35 @@ def test_where_the_cpu_kernels_cannot_be_built_inductor_runs_with_one_warning(
     cpu_kernels.cache_clear()
     monkeypatch.setattr(cpp_extension, "load", failing_load)
     try:
-        with caplog.at_level(logging.WARNING, logger=_cpu_kernels.__name__):
+        with caplog.at_level(logging.INFO, logger=_cpu_kernels.__name__):
             weights, _ = _run("lamb", {}, True, steps=3)
             _run("lars", {}, True, steps=3)
+            assert "adam_direction" in kernel_calls and "momentum_update" in kernel_calls
+            kernel_calls.clear()
+            default_weights, _ = _run("lamb", {}, None, steps=3)
     finally:
         cpu_kernels.cache_clear()
-    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "Inductor's fused kernels" in warnings[0].getMessage()
-    assert "adam_direction" in kernel_calls and "momentum_update" in kernel_calls
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    reasons = [record.getMessage() for record in caplog.records if "cannot be built" in record.getMessage()]
+    assert len(reasons) == 1 and "Ninja is required" in reasons[0]
+    assert kernel_calls == []  # the default: the foreach kernels
     _assert_relatively_close(weights, expected)
+    _assert_relatively_close(default_weights, expected)
+
+
+def test_the_default_runs_the_fused_kernels_where_they_were_measured_faster(kernel_calls: list[str]) -> None:
+    """``fused=None``: the fused kernels on whole fp32 layers on the CPU (where the C++ kernels build); the foreach kernels
+    for bf16 parameters, and wherever ``foreach`` or ``fused`` is named."""
+    if cpu_kernels() is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    for name in ("lamb", "lars", "mclr_adam"):
+        kernel_calls.clear()
+        default_weights, _ = _run(name, {}, None, steps=3)
+        assert kernel_calls, name
+        _assert_relatively_close(default_weights, _run(name, {}, True, steps=3)[0], 0.0)
+        kernel_calls.clear()
+        _run(name, {}, None, torch.bfloat16, steps=3)
+        _run(name, {"foreach": True}, None, steps=3)
+        _run(name, {"foreach": False}, None, steps=3)
+        _run(name, {}, False, steps=3)
+        assert kernel_calls == [], name

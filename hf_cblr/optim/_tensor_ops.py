@@ -512,17 +512,29 @@ FOREACH_OPS = ForeachTensorListOps()
 FUSED_OPS = FusedTensorListOps()
 
 
-def select_ops(foreach: bool | None, tensors: Sequence[Tensor], fused: bool | None = None) -> TensorListOps:
+def select_ops(foreach: bool | None, tensors: Sequence[Tensor], fused: bool | None = None, *,
+               whole_layers: bool = False) -> TensorListOps:
     """Pick the kernel path.
 
-    ``fused=True``: the fused kernels where Inductor compiles on the tensors' device (else, with one logged warning,
-    as if ``fused=False``). ``fused=None`` is ``fused=False`` (``docs/benchmarks.md``, "The fused step": measured
-    faster on the CPU, but making it the default changes the default path's rounding and adds the first step's
-    compile). Then ``foreach=None`` means foreach unless a tensor is sparse or on the meta device.
+    The fused kernels take whole layers only (``whole_layers``: not ZeRO fragments or DTensor shards, whose sums are
+    reduced over the ranks). ``fused=True`` picks them where they run on the tensors' device: on the CPU the C++ kernels
+    where they build, else (and off the CPU) Inductor's where it compiles; else, with one logged warning, as if
+    ``fused=False``. ``fused=None`` (the default) picks them, with ``foreach=None``, where they were measured faster
+    than the foreach kernels (``docs/benchmarks.md``, "The fused step"): on whole layers of contiguous fp32 or fp64 CPU
+    tensors, where the C++ kernels build; elsewhere (the GPU, where they are not measured yet; bf16 parameters) it is
+    ``fused=False``. Then ``foreach=None`` means foreach unless a tensor is sparse or on the meta device.
     """
     unsupported = any(t.is_sparse or t.device.type == "meta" for t in tensors)
-    if fused and tensors and not unsupported and fused_kernels_available(tensors[0].device.type):
+    if fused is None:
+        fused = foreach is None and whole_layers and not unsupported and _cpu_kernels_for(tensors) is not None
+    if fused and whole_layers and tensors and not unsupported and fused_kernels_run_on(tensors[0].device.type):
         return FUSED_OPS
     if foreach is None:
         foreach = not unsupported
     return FOREACH_OPS if foreach else SINGLE_TENSOR_OPS
+
+
+def fused_kernels_run_on(device_type: str) -> bool:
+    """Whether the fused kernels run on ``device_type``: on the CPU the C++ kernels build, or (there too, where they do
+    not) Inductor compiles."""
+    return (device_type == "cpu" and cpu_kernels() is not None) or fused_kernels_available(device_type)

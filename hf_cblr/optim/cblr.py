@@ -226,9 +226,9 @@ class CBLR(Optimizer):
                 break
         if not batches:
             return loss
-        if source is self._local and self.fused:  # the fused kernels take whole layers (their norms are not reduced)
+        if source is self._local and self.fused is not False:  # the fused kernels take whole layers only
             batches = [replace(batch, ops=ops, sums=LayerSums(ops)) for batch in batches
-                       for ops in [select_ops(self.foreach, batch.params, fused=True)]]
+                       for ops in [select_ops(self.foreach, batch.params, self.fused, whole_layers=True)]]
         step = self._advance_step_counters(batches)
         estimate = not self.estimator.needs_closure or (step - 1) % self.update_interval == 0
         closure_loss, stats = cblr_step(batches, self.parts, step=step, closure=closure, estimate=estimate)
