@@ -396,3 +396,19 @@ def test_the_default_runs_the_fused_kernels_where_they_were_measured_faster(kern
         _run(name, {"foreach": False}, None, steps=3)
         _run(name, {}, False, steps=3)
         assert kernel_calls == [], name
+
+
+def test_lamb_takes_the_weight_norms_from_the_adam_pass(monkeypatch: pytest.MonkeyPatch, kernel_calls: list[str]) -> None:
+    """On the fused kernels LAMB's ``|w|`` comes out of the Adam reduction pass, which reads ``w`` anyway: no norm pass
+    over the weights (the batch's sums remember the norms a kernel took, ``LayerSums.add_norms``)."""
+    norm_calls: list[int] = []
+    original = FusedTensorListOps.norms
+
+    def spy(self: FusedTensorListOps, xs: Any) -> Any:
+        norm_calls.append(len(xs))
+        return original(self, xs)
+
+    monkeypatch.setattr(FusedTensorListOps, "norms", spy)
+    weights, _ = _run("lamb", {}, True, steps=3)
+    assert "adam_direction" in kernel_calls and norm_calls == []
+    _assert_relatively_close(weights, _run("lamb", {}, False, steps=3)[0])

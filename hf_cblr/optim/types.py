@@ -109,14 +109,21 @@ class LayerSums:
         #: sums a vector over the ranks that share the layers, in place (None: whole layers, nothing to reduce)
         self.all_reduce_sum = all_reduce_sum
         self._pending: list[tuple[Tensor, bool]] = []
+        self._taken: dict[int, Tensor] = {}
 
     def norms(self, xs: Sequence[Tensor]) -> Tensor:
-        """The 2-norm of every tensor of ``xs`` (one vector); on fragments, after :meth:`reduce`."""
+        """The 2-norm of every tensor of ``xs`` (one vector); on fragments, after :meth:`reduce`. Where a kernel of its
+        own took all of them earlier in the step (:meth:`add_norms` with ``of``), those, without another pass."""
+        if xs and all(id(x) in self._taken for x in xs):
+            return torch.stack([self._taken[id(x)] for x in xs])
         return self._register(self.kernels.norms(xs), is_norm=True)
 
-    def add_norms(self, norms: Tensor) -> Tensor:
+    def add_norms(self, norms: Tensor, of: Sequence[Tensor] = ()) -> Tensor:
         """Norms a kernel of its own took (one per layer; on fragments this rank's partial norms), to be reduced as the
-        norms of :meth:`norms` are; returns them."""
+        norms of :meth:`norms` are; returns them. ``of``: on whole layers, the tensors they are the norms of, as they
+        are until the update (gradients, weights), so that :meth:`norms` of them takes no other pass this step."""
+        if of and self.all_reduce_sum is None:
+            self._taken.update((id(x), norm) for x, norm in zip(of, norms.unbind(), strict=True))
         return self._register(norms, is_norm=True)
 
     def dots(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
@@ -215,8 +222,7 @@ class Direction:
     The step of layer :math:`l` is :math:`-\eta\, r_l\, u_l` with :math:`u_l = k_l\, d_l`: ``tensors`` hold
     :math:`d_l` and ``scales`` the :math:`k_l` (None: all 1), so per-layer factors cost no pass over the layer.
     ``grad_norms`` are :math:`|g_l|` and ``tensor_norms`` :math:`|d_l|` where the base computes them (None: not
-    computed), both from the batch's :class:`LayerSums` (read them after its reduction), as ``weight_norms``
-    :math:`|w_l|` where the base takes them in its own pass (the fused Adam kernels; None elsewhere); :attr:`norms` is
+    computed), both from the batch's :class:`LayerSums` (read them after its reduction); :attr:`norms` is
     :math:`|u_l|`. Its methods are the base's preconditioner :math:`P` (the identity for momentum SGD), which the
     estimators apply without knowing which base they run on.
     """
@@ -225,7 +231,6 @@ class Direction:
     grad_norms: Tensor
     scales: Tensor | None = None
     tensor_norms: Tensor | None = None
-    weight_norms: Tensor | None = None
 
     @property
     def norms(self) -> Tensor | None:

@@ -165,9 +165,10 @@ class Adam(BaseDirection):
         coefficients = torch.tensor(rows, dtype=batch.decay.dtype, device=batch.decay.device)
         sums = ops.adam_direction(batch.grads, batch.weights, exp_avgs, exp_avg_sqs, coefficients)
         grad_norms, momentum_norms, q_norms, direction_norms, weight_norms = sums.sqrt().unbind(1)
+        batch.sums.add_norms(weight_norms, of=batch.weights)  # |w| for the weight-norm curvature (LAMB): no other pass
         return UnformedAdamDirection(
             tensors=exp_avgs, grad_norms=grad_norms, scales=torch.tensor(scales, device=batch.decay.device),
-            tensor_norms=direction_norms, weight_norms=weight_norms, second_moments=exp_avg_sqs,
+            tensor_norms=direction_norms, second_moments=exp_avg_sqs,
             inverse_sqrt_bias_corrections2=[1 / c2 for c2 in sqrt_bias_corrections2], eps=eps,
             momentum_norms=momentum_norms if gains else None, quotient_norms=q_norms if gains else None,
             sqrt_bias_corrections2=torch.tensor(sqrt_bias_corrections2, device=grad_norms.device) if gains else None,

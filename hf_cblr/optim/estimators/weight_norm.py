@@ -23,14 +23,13 @@ class WeightNormCurvature(CurvatureEstimator):
 
     The curvature of a quadratic whose minimum is at the origin: the gradient there is ``c w``. The numerator is
     the direction's :meth:`~hf_cblr.optim.types.Direction.trust_numerators`. ``|w|`` is taken in :meth:`measure`,
-    with the step's other sums, unless the direction took it in its own pass (``Direction.weight_norms``).
+    with the step's other sums (no pass of its own where the fused Adam kernels took it).
     """
 
     name = "weight_norm"
 
     def measure(self, batch: LayerBatch, direction: Direction, prelude: Prelude) -> WeightNormPrelude:
-        weight_norms = direction.weight_norms if direction.weight_norms is not None else batch.sums.norms(batch.weights)
-        return WeightNormPrelude(prelude.workspace, weight_norms)
+        return WeightNormPrelude(prelude.workspace, batch.sums.norms(batch.weights))
 
     def estimate(self, inputs: list[EstimateInput], closure: Closure | None, step: int) -> list[Tensor]:
         estimates = []
