@@ -64,7 +64,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The names of the fused ops' methods as they are called (so a test knows the fused kernels ran)."""
     calls: list[str] = []
-    for method in ("adam_direction", "momentum_update"):
+    for method in ("adam_direction", "adam_step", "momentum_update"):
         original = getattr(FusedTensorListOps, method)
 
         def spy(self: FusedTensorListOps, *args: Any, _original: Any = original, _name: str = method) -> Any:
@@ -412,3 +412,18 @@ def test_lamb_takes_the_weight_norms_from_the_adam_pass(monkeypatch: pytest.Monk
     weights, _ = _run("lamb", {}, True, steps=3)
     assert "adam_direction" in kernel_calls and norm_calls == []
     _assert_relatively_close(weights, _run("lamb", {}, False, steps=3)[0])
+
+
+@pytest.mark.parametrize("name", ["mclr_adam", "cblr_adam"])
+def test_adam_with_sampled_curvatures_takes_one_pass(name: str, kernel_route: str, kernel_calls: list[str]) -> None:
+    """The element-wise secant reads only the preconditioner at its samples: the Adam base's reduction and update passes
+    are then one (``adam_step``), with the numbers of the two passes and of the foreach kernels; the rates' statistics
+    (gradient norms) are the update pass's."""
+    kwargs = {} if name == "mclr_adam" else {"curvature": "secant_elementwise"}
+    weights, optimizer = _run(name, kwargs, True)
+    assert set(kernel_calls) == {"adam_step"}
+    foreach_weights, foreach = _run(name, kwargs, False)
+    _assert_relatively_close(weights, foreach_weights)
+    for key in ("rate", "grad_norm", "update_norm"):
+        assert [s[key] for s in optimizer.layer_stats().values()] == pytest.approx(
+            [s[key] for s in foreach.layer_stats().values()], rel=1e-5), key

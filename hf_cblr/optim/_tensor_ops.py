@@ -314,6 +314,21 @@ def adam_update_kernel(weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, coef
     weight.sub_(factor * (weight_coefficient * weight + quotient_coefficient * (exp_avg / (exp_avg_sq.sqrt() + eps))))
 
 
+def adam_step_kernel(grad: Tensor, weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, coefficients: Tensor,
+                     factor: Tensor) -> Tensor:
+    r""":func:`adam_direction_kernel` and :func:`adam_update_kernel` in one pass, for rates known before it: the moments,
+    :math:`w \leftarrow w - f\, d`, and the sums of squares of ``g, m, q, d, w`` (``w`` before the update)."""
+    one_minus_beta1, beta2, one_minus_beta2, eps, weight_coefficient, quotient_coefficient = coefficients.unbind()
+    exp_avg.lerp_(grad, one_minus_beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad * one_minus_beta2)
+    quotient = exp_avg / (exp_avg_sq.sqrt() + eps)
+    direction = weight_coefficient * weight + quotient_coefficient * quotient
+    sums = torch.stack([grad.square().sum(), exp_avg.square().sum(), quotient.square().sum(), direction.square().sum(),
+                        weight.square().sum()])
+    weight.sub_(factor * direction)
+    return sums
+
+
 def momentum_update_kernel(grad: Tensor, weight: Tensor, buffer: Tensor, coefficients: Tensor) -> Tensor:
     r"""Momentum SGD's update of one layer, in one pass; returns the sum of squares of the step :math:`s`.
 
@@ -371,6 +386,13 @@ def adam_update_lists(weights: TensorList, exp_avgs: TensorList, exp_avg_sqs: Te
 def replace_lists(previous: TensorList, current: TensorList) -> Tensor:
     """:func:`replace_kernel` on every pair of a list; returns the ``[layers]`` sums of squares."""
     return torch.stack([replace_kernel(p, c) for p, c in zip(previous, current, strict=True)])
+
+
+def adam_step_lists(grads: TensorList, weights: TensorList, exp_avgs: TensorList, exp_avg_sqs: TensorList,
+                    coefficients: Tensor, factors: Tensor) -> Tensor:
+    """:func:`adam_step_kernel` on every layer of a list; returns the ``[layers, 5]`` sums of squares."""
+    return torch.stack([adam_step_kernel(g, w, m, v, row, factor) for g, w, m, v, row, factor in
+                        zip(grads, weights, exp_avgs, exp_avg_sqs, coefficients.unbind(), factors.unbind(), strict=True)])
 
 
 def momentum_update_lists(grads: TensorList, weights: TensorList, buffers: TensorList, coefficients: Tensor) -> Tensor:
@@ -467,6 +489,19 @@ class FusedTensorListOps(ForeachTensorListOps):
             kernels.adam_update(list(weights), list(exp_avgs), list(exp_avg_sqs), coefficients.double(), factors.double())
         else:
             compiled(adam_update_lists)(_flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs), coefficients, factors)
+
+    def adam_step(self, grads: Sequence[Tensor], weights: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                  exp_avg_sqs: Sequence[Tensor], coefficients: Tensor, factors: Tensor) -> Tensor:
+        """:func:`adam_step_kernel` on every layer: :meth:`adam_direction` and :meth:`adam_update` in one pass; returns
+        the ``[layers, 5]`` sums of squares of ``g, m, q, d, w``."""
+        kernels = _cpu_kernels_for(grads, weights, exp_avgs, exp_avg_sqs)
+        if kernels is not None:
+            sums = kernels.adam_step(list(grads), list(weights), list(exp_avgs), list(exp_avg_sqs), coefficients.double(),
+                                     factors.double()).to(grads[0].dtype)
+        else:
+            sums = compiled(adam_step_lists)(_flats(grads), _flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs),
+                                             coefficients, factors)
+        return self.all_reduce_sum(sums)
 
     def momentum_update(self, grads: Sequence[Tensor], weights: Sequence[Tensor], buffers: Sequence[Tensor] | None,
                         coefficients: Tensor) -> Tensor:

@@ -99,7 +99,8 @@ def _step_together(batches: list[LayerBatch], parts: StepParts, step: int, closu
         for chunk in chunks:
             prelude = estimator.prepare(chunk)
             steps = _stacked(chunk, "step").tolist() if base.needs_step_counts else None
-            direction = base.direction(chunk, prelude.workspace, steps, gains=estimator.needs_preconditioner_gains)
+            direction = base.direction(chunk, prelude.workspace, steps, gains=estimator.needs_preconditioner_gains,
+                                       norms_before_update=estimate and estimator.reads_direction_norms)
             directions.append(direction)
             preludes.append(estimator.measure(chunk, direction, prelude) if estimate else prelude)
         batch.sums.reduce()  # on fragments: every sum of the batch's step, in one all-reduce

@@ -66,6 +66,37 @@ void adam_direction_range(const T* __restrict__ g, const T* __restrict__ w, T* _
   sums[4] += s4;
 }
 
+// Adam's moments, the sums of adam_direction_range, and w <- w - f d: the reduction and update passes in one, for rates
+// known before the step's pass (MCLR's come from element samples).
+template <typename T, bool HIGH>
+void adam_step_range(const T* __restrict__ g, T* __restrict__ w, T* __restrict__ m, T* __restrict__ v,
+                     const std::array<T, 6>& c, T f, int64_t begin, int64_t end, std::array<double, 5>& sums) {
+  const T weight = HIGH ? T(1) - c[0] : c[0], beta2 = c[1], one_minus_beta2 = c[2], eps = c[3], a = c[4], b = c[5];
+  T s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
+  for (int64_t j = begin; j < end; ++j) {
+    const T gj = g[j];
+    const T mj = lerp<T, HIGH>(m[j], gj, weight);
+    const T vj = v[j] * beta2 + gj * (gj * one_minus_beta2);
+    m[j] = mj;
+    v[j] = vj;
+    const T q = mj / (std::sqrt(vj) + eps);
+    const T wj = w[j];
+    const T d = a * wj + b * q;
+    w[j] = wj - f * d;
+    s0 += gj * gj;
+    s1 += mj * mj;
+    s2 += q * q;
+    s3 += d * d;
+    s4 += wj * wj;
+  }
+  sums[0] += s0;
+  sums[1] += s1;
+  sums[2] += s2;
+  sums[3] += s3;
+  sums[4] += s4;
+}
+
 // w <- w - f (a w + b m / (sqrt(v) + eps)).
 template <typename T>
 void adam_update_range(T* __restrict__ w, const T* __restrict__ m, const T* __restrict__ v, T eps, T a, T b, T f,
@@ -157,6 +188,33 @@ torch::Tensor adam_direction_typed(const std::vector<torch::Tensor>& grads, cons
 }
 
 template <typename T>
+torch::Tensor adam_step_typed(const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& weights,
+                              const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
+                              const torch::Tensor& coefficients, const torch::Tensor& factors) {
+  const int64_t layers = static_cast<int64_t>(grads.size());
+  auto out = torch::empty({layers, 5}, torch::dtype(torch::kFloat64));
+  double* o = out.data_ptr<double>();
+  const double* f = factors.data_ptr<double>();
+  for (int64_t i = 0; i < layers; ++i) {
+    const T* g = grads[i].data_ptr<T>();
+    T* w = weights[i].data_ptr<T>();
+    T* m = exp_avgs[i].data_ptr<T>();
+    T* v = exp_avg_sqs[i].data_ptr<T>();
+    const auto c = row<T, 6>(coefficients, i);
+    const T factor = static_cast<T>(f[i]);
+    const bool high = std::abs(c[0]) >= T(0.5);
+    const auto sums = chunked_sums<5>(grads[i].numel(), [&](int64_t begin, int64_t end, std::array<double, 5>& s) {
+      if (high)
+        adam_step_range<T, true>(g, w, m, v, c, factor, begin, end, s);
+      else
+        adam_step_range<T, false>(g, w, m, v, c, factor, begin, end, s);
+    });
+    for (int k = 0; k < 5; ++k) o[i * 5 + k] = sums[k];
+  }
+  return out;
+}
+
+template <typename T>
 void adam_update_typed(const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& exp_avgs,
                        const std::vector<torch::Tensor>& exp_avg_sqs, const torch::Tensor& coefficients,
                        const torch::Tensor& factors) {
@@ -237,6 +295,13 @@ torch::Tensor adam_direction(const std::vector<torch::Tensor>& grads, const std:
                           : adam_direction_typed<float>(grads, weights, exp_avgs, exp_avg_sqs, coefficients);
 }
 
+torch::Tensor adam_step(const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& weights,
+                        const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
+                        const torch::Tensor& coefficients, const torch::Tensor& factors) {
+  return is_double(grads) ? adam_step_typed<double>(grads, weights, exp_avgs, exp_avg_sqs, coefficients, factors)
+                          : adam_step_typed<float>(grads, weights, exp_avgs, exp_avg_sqs, coefficients, factors);
+}
+
 void adam_update(const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& exp_avgs,
                  const std::vector<torch::Tensor>& exp_avg_sqs, const torch::Tensor& coefficients,
                  const torch::Tensor& factors) {
@@ -264,6 +329,7 @@ torch::Tensor replace_and_difference_squares(const std::vector<torch::Tensor>& p
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("adam_direction", &adam_direction, "Adam's moments and the sums of squares of g, m, q, d, w, per layer");
+  module.def("adam_step", &adam_step, "adam_direction and adam_update in one pass (the weights' sum: before the update)");
   module.def("adam_update", &adam_update, "w <- w - f (a w + b m / (sqrt(v) + eps)), per layer");
   module.def("replace_and_difference_squares", &replace_and_difference_squares,
              "the sum of squares of p - c for every pair, and p <- c");

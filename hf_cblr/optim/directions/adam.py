@@ -59,9 +59,40 @@ class UnformedAdamDirection(AdamDirection):
     r"""The direction of the fused kernels, not stored: the reduction pass took its norms, and the update pass forms
     :math:`d = a\, w + b\, m / (\sqrt v + \epsilon')` again from the moments, with the ``coefficients`` rows of
     :func:`~hf_cblr.optim._tensor_ops.adam_direction_kernel`. ``tensors`` hold the first moments :math:`m` (the
-    estimators that run on the fused kernels read only the norms, the gains and the preconditioner)."""
+    estimators that run on the fused kernels read only the norms, the gains and the preconditioner).
+
+    With ``one_pass`` no pass has run yet: the update's pass (:func:`~hf_cblr.optim._tensor_ops.adam_step_kernel`)
+    updates the moments, forms :math:`d`, applies the step and takes the norms, which it writes into ``grad_norms`` and
+    ``tensor_norms`` (NaN until then). Before it, the preconditioner at sampled elements is formed from the gradient
+    ``grads`` and the previous :math:`v`: :math:`v' = \beta_2 v + (1 - \beta_2) g^2`, as the pass will."""
 
     coefficients: Tensor | None = None
+    one_pass: bool = False
+    grads: TensorList | None = None
+
+    def _second_moments_at(self, rows: list[int], sampled: Callable[[TensorList], Tensor]) -> Tensor:
+        """:math:`v` of the layers ``rows`` at their sampled elements, after this step's update of the moments."""
+        assert self.second_moments is not None and self.coefficients is not None
+        second_moments = sampled([self.second_moments[i] for i in rows])
+        if not self.one_pass:
+            return second_moments
+        assert self.grads is not None
+        grads = sampled([self.grads[i] for i in rows])
+        beta2, one_minus_beta2 = self.coefficients[rows, 1:3].to(grads).unbind(1)
+        return second_moments * beta2[:, None] + grads * (grads * one_minus_beta2[:, None])
+
+    def preconditioner_at(self, index: int, positions: Tensor | None) -> Tensor | float:
+        def at_positions(tensors: TensorList) -> Tensor:
+            flat = tensors[0].reshape(-1)
+            return (flat if positions is None else flat[positions])[None]
+
+        second_moment = self._second_moments_at([index], at_positions)[0]
+        return 1.0 / (second_moment.sqrt() * self.inverse_sqrt_bias_corrections2[index] + self.eps)
+
+    def precondition_rows_(self, rows: list[int], values: Tensor, sampled: Callable[[TensorList], Tensor]) -> None:
+        denominators = self._second_moments_at(rows, sampled).sqrt_()
+        scales = torch.tensor([self.inverse_sqrt_bias_corrections2[i] for i in rows], device=denominators.device)
+        values /= denominators.mul_(scales[:, None]).add_(self.eps)
 
 
 @register_direction
@@ -79,7 +110,7 @@ class Adam(BaseDirection):
                 "exp_avg_sq": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)}
 
     def direction(self, batch: LayerBatch, workspace: list[Tensor | None], steps: list[float] | None, *,
-                  gains: bool) -> AdamDirection:
+                  gains: bool, norms_before_update: bool = True) -> AdamDirection:
         r"""Update Adam's moments and form ``u = m_hat / (sqrt(v_hat) + eps) + beta w`` in one new tensor per layer.
 
         With the bias corrections :math:`b_1 = 1 - \beta_1^t`, :math:`b_2 = 1 - \beta_2^t` of the layer's step,
@@ -109,7 +140,8 @@ class Adam(BaseDirection):
         decay = batch.decay.tolist()
         if isinstance(ops, FusedTensorListOps):
             return self._fused_direction(batch, ops, sqrt_bias_corrections2, scales,
-                                         [value != 0 for value in decay], gains=gains)
+                                         [value != 0 for value in decay], gains=gains,
+                                         one_pass=not norms_before_update and not gains)
         decayed = [i for i, value in enumerate(decay) if value != 0]
         ops.lerp_(exp_avgs, grads, 1 - beta1)
         ops.mul_(exp_avg_sqs, beta2)
@@ -140,7 +172,7 @@ class Adam(BaseDirection):
 
     @staticmethod
     def _fused_direction(batch: LayerBatch, ops: FusedTensorListOps, sqrt_bias_corrections2: list[float],
-                         scales: list[float], decayed: list[bool], *, gains: bool) -> AdamDirection:
+                         scales: list[float], decayed: list[bool], *, gains: bool, one_pass: bool) -> AdamDirection:
         r""":meth:`direction` in one compiled pass per layer (:func:`~hf_cblr.optim._tensor_ops.adam_direction_kernel`), one
         compiled call for all the batch's layers; the update pass forms the direction again (:class:`UnformedAdamDirection`:
         no full-size temporary, and no use of a lent workspace).
@@ -163,6 +195,13 @@ class Adam(BaseDirection):
         exp_avgs = [state["exp_avg"] for state in batch.states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in batch.states]
         coefficients = torch.tensor(rows, dtype=batch.decay.dtype, device=batch.decay.device)
+        if one_pass:  # the update's pass takes the norms (UnformedAdamDirection)
+            unknown = torch.full((len(batch),), math.nan, dtype=batch.decay.dtype, device=batch.decay.device)
+            return UnformedAdamDirection(
+                tensors=exp_avgs, grad_norms=unknown, scales=torch.tensor(scales, device=batch.decay.device),
+                tensor_norms=unknown.clone(), second_moments=exp_avg_sqs,
+                inverse_sqrt_bias_corrections2=[1 / c2 for c2 in sqrt_bias_corrections2], eps=eps,
+                coefficients=coefficients, one_pass=True, grads=list(batch.grads))
         sums = ops.adam_direction(batch.grads, batch.weights, exp_avgs, exp_avg_sqs, coefficients)
         grad_norms, momentum_norms, q_norms, direction_norms, weight_norms = sums.sqrt().unbind(1)
         batch.sums.add_norms(weight_norms, of=batch.weights)  # |w| for the weight-norm curvature (LAMB): no other pass
@@ -177,14 +216,21 @@ class Adam(BaseDirection):
 
     def update(self, batch: LayerBatch, direction: Direction, rates: Tensor) -> Tensor:
         lr = batch.group["lr"]
-        update_norms = lr * rates * direction.norms
         if isinstance(direction, UnformedAdamDirection):
             assert isinstance(batch.ops, FusedTensorListOps) and direction.scales is not None
-            batch.ops.adam_update(batch.weights, direction.tensors, direction.second_moments, direction.coefficients,
-                                  lr * rates * direction.scales.to(rates.device))
-            return update_norms
-        batch.ops.addcmul_(batch.weights, direction.tensors, list((rates * direction.scales).unbind()), value=-lr)
-        return update_norms
+            factors = lr * rates * direction.scales.to(rates.device)
+            if direction.one_pass:
+                sums = batch.ops.adam_step(batch.grads, batch.weights, direction.tensors, direction.second_moments,
+                                           direction.coefficients, factors)
+                grad_norms, _, _, direction_norms, _ = sums.sqrt().unbind(1)
+                direction.grad_norms.copy_(grad_norms)
+                direction.tensor_norms.copy_(direction_norms)
+            else:
+                batch.ops.adam_update(batch.weights, direction.tensors, direction.second_moments, direction.coefficients,
+                                      factors)
+        else:
+            batch.ops.addcmul_(batch.weights, direction.tensors, list((rates * direction.scales).unbind()), value=-lr)
+        return lr * rates * direction.norms
 
 
 def _bias_correction(beta: float, step: float) -> float:

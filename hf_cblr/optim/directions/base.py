@@ -24,10 +24,12 @@ class BaseDirection:
         return {}
 
     def direction(self, batch: LayerBatch, workspace: list[Tensor | None], steps: list[float] | None, *,
-                  gains: bool) -> Direction:
+                  gains: bool, norms_before_update: bool = True) -> Direction:
         """The direction of ``batch``'s layers, which the caller lends the buffers ``workspace`` (None: none);
         ``steps``: the layers' step counts (when :attr:`needs_step_counts`); ``gains``: compute the
-        preconditioner's gains (:meth:`Direction.gains`)."""
+        preconditioner's gains (:meth:`Direction.gains`); ``norms_before_update`` False: the step reads nothing of
+        the direction before :meth:`update` but its preconditioner at sampled elements, so a base may take the
+        direction's norms in the update's own pass (the fused Adam kernels: one pass instead of two)."""
         raise NotImplementedError
 
     def update(self, batch: LayerBatch, direction: Direction, rates: Tensor) -> Tensor:

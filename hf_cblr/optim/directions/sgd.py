@@ -50,7 +50,7 @@ class MomentumSGD(BaseDirection):
     state_schema: ClassVar[dict[str, StateKind]] = {"momentum_buffer": StateKind.ELEMENT}
 
     def direction(self, batch: LayerBatch, workspace: list[Tensor | None], steps: list[float] | None, *,
-                  gains: bool) -> Direction:
+                  gains: bool, norms_before_update: bool = True) -> Direction:
         """``d = g + beta w`` (new tensors only where ``beta != 0``; on the fused kernels, formed by :meth:`update`; on
         fragments with the sums of :class:`FragmentSGDDirection`)."""
         grad_norms = batch.sums.norms(batch.grads)

@@ -49,6 +49,9 @@ class CurvatureEstimator:
     state_schema: ClassVar[dict[str, StateKind]] = {}
     #: Reads :meth:`Direction.gains` (the Adam base then computes them).
     needs_preconditioner_gains: ClassVar[bool] = False
+    #: Reads the direction's norms or tensors before the update; False: only its preconditioner at sampled elements
+    #: (the fused Adam kernels then take the step in one pass).
+    reads_direction_norms: ClassVar[bool] = True
     #: Runs on DeepSpeed ZeRO's flat partitions.
     supports_partitions: ClassVar[bool] = True
     #: Its estimates are already averages over steps: the optimizer takes them as they are (no ``curvature_ema``).

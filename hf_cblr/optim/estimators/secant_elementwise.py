@@ -52,6 +52,7 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
 
     name = "secant_elementwise"
     elementwise = True
+    reads_direction_norms = False
     state_schema: ClassVar[dict[str, StateKind]] = {
         "sample_prev_grad": StateKind.ROW, "sample_prev_weight": StateKind.ROW, "sample_positions": StateKind.ROW}
 
