@@ -3,7 +3,8 @@
 //
 // Every kernel takes a list of layers of one dtype (float or double), contiguous, and per layer a row of coefficients.
 // A layer's elements are cut into fixed chunks of CHUNK elements, run in parallel by ATen's thread pool; the sums of
-// squares are accumulated per chunk in double and added in chunk order, so they do not depend on the thread count.
+// squares are accumulated per chunk (vectorized, in the layer's dtype) and the chunks' sums added in double, in chunk
+// order, so they do not depend on the thread count.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
