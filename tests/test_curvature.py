@@ -417,3 +417,47 @@ def test_pooled_secant_estimates_where_the_gate_of_the_denoised_one_keeps_none()
     assert all(c == 0.0 for c in curvatures("secant_denoised"))
     pooled = curvatures("secant_pooled")[20:]
     assert all(0.6 / per_element_noise < c < 1.5 / per_element_noise for c in pooled), pooled
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_sampled_secant_on_every_element_is_the_layer_secant(weight_decay: float) -> None:
+    """SGD base (``P = 1``), the sample every element: ``secant_sampled`` is ``secant``'s ``|dg| / |dw| + beta``, here
+    each layer's curvature on an isotropic quadratic."""
+    curvatures = SCALES
+    problem = Quadratic(SHAPES, _isotropic(SHAPES, curvatures))
+    optimizer = CBLR(problem.params, lr=1e-2, weight_decay=weight_decay, curvature="secant_sampled", sample_size=None,
+                     curvature_ema=0.0)
+    for _ in range(3):
+        problem.step(optimizer)
+    torch.testing.assert_close(torch.tensor(_curvatures(optimizer)), torch.tensor(curvatures) + weight_decay, rtol=1e-3,
+                               atol=0)
+
+
+@pytest.mark.parametrize("sample_size", [None, 10])
+def test_sampled_secant_on_adam_base_preconditions_each_element(sample_size: int | None) -> None:
+    r"""Adam base: ``c = sqrt(sum_i (P_i dg_i)^2 / sum_i dw_i^2)`` over the sampled elements, each with its own
+    ``P_i = 1 / (sqrt(v_i / b_2) + eps)`` of the step that estimates, against the gradients, weights and moments
+    recorded around two steps (a diagonal quadratic with spread curvatures, so ``P`` differs between elements)."""
+    generator = torch.Generator().manual_seed(5)
+    hessians = [torch.rand(shape, generator=generator) * 10 * h + 0.1 for shape, h in zip(SHAPES, SCALES, strict=True)]
+    problem = Quadratic(SHAPES, hessians)
+    betas, eps = (0.9, 0.999), 1e-8
+    optimizer = CBLR(problem.params, lr=1e-2, base="adam", betas=betas, eps=eps, curvature="secant_sampled",
+                     curvature_ema=0.0, sample_size=sample_size)
+    weights = [[p.detach().clone() for p in problem.params]]
+    grads = [problem.gradients()]
+    problem.step(optimizer)
+    weights.append([p.detach().clone() for p in problem.params])
+    grads.append(problem.gradients())
+    problem.step(optimizer)
+    expected = []
+    for i, param in enumerate(problem.params):
+        state = optimizer.state[param]
+        positions = state.get("sample_positions", torch.arange(param.numel()))
+        preconditioner = 1 / ((state["exp_avg_sq"] / (1 - betas[1] ** 2)).sqrt() + eps)
+        grad_change = ((grads[1][i] - grads[0][i]) * preconditioner).reshape(-1)[positions]
+        step = (weights[1][i] - weights[0][i]).reshape(-1)[positions]
+        expected.append((grad_change.square().sum() / step.square().sum()).sqrt().item())
+    if sample_size is not None:
+        assert all(optimizer.state[p]["sample_positions"].numel() == sample_size for p in problem.params)
+    torch.testing.assert_close(torch.tensor(_curvatures(optimizer)), torch.tensor(expected), rtol=1e-5, atol=0)

@@ -52,7 +52,7 @@ STEPS = 20
 SHAPES = [(12, 10), (12,), (6, 12), (6,), (3, 4, 5)]
 #: Every registry optimizer with every estimator it takes that needs no closure.
 CASES = [("cblr", {"curvature": name}) for name in ("weight_norm", "secant", "secant_denoised", "secant_pooled",
-                                                    "secant_elementwise")]
+                                                    "secant_elementwise", "secant_sampled")]
 CASES += [("cblr_adam", kwargs) for _, kwargs in CASES]
 CASES += [("mclr", {}), ("mclr_adam", {}), ("lars", {}), ("lamb", {})]
 LEARNING_RATES = {"cblr": 0.05, "mclr": 0.05, "lars": 1.0, "cblr_adam": 1e-3, "mclr_adam": 1e-3, "lamb": 1e-2}

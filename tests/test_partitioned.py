@@ -162,6 +162,7 @@ CASES = {
     "cblr_no_momentum": ("cblr", {"lr": 0.1, "curvature": "secant", "momentum": 0.0, "weight_decay": 0.01}),
     "mclr": ("mclr", {"lr": 0.1, "sample_size": 8, "weight_decay": 0.01}),
     "mclr_adam": ("mclr_adam", {"lr": 1e-2, "sample_size": 8, "weight_decay": 0.01}),
+    "cblr_adam_sampled": ("cblr_adam", {"lr": 1e-2, "curvature": "secant_sampled", "sample_size": 8, "weight_decay": 0.01}),
     "lars": ("lars", {"lr": 1.0, "weight_decay": 0.01}),
     "lamb": ("lamb", {"lr": 1e-2, "weight_decay": 0.01}),
 }

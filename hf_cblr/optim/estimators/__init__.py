@@ -17,6 +17,7 @@ from hf_cblr.optim.estimators.secant import SecantCurvature
 from hf_cblr.optim.estimators.secant_denoised import DenoisedSecantCurvature
 from hf_cblr.optim.estimators.secant_elementwise import ElementwiseSecantCurvature
 from hf_cblr.optim.estimators.secant_pooled import PooledSecantCurvature
+from hf_cblr.optim.estimators.secant_sampled import SampledSecantCurvature
 from hf_cblr.optim.estimators.weight_norm import WeightNormCurvature
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "HessianVectorCurvature",
     "HutchinsonCurvature",
     "PooledSecantCurvature",
+    "SampledSecantCurvature",
     "SecantCurvature",
     "WeightNormCurvature",
     "create_curvature_estimator",

@@ -87,14 +87,19 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
         estimate = batch.no_estimates()
         known = [i for i, state in enumerate(batch.states) if "sample_prev_grad" in state]
         for rows in _similar_lengths(known, [grads[i].numel() for i in known]):
-            curvatures = self._curvatures(batch, direction, rows, [positions[i] for i in rows], [grads[i] for i in rows],
-                                          [weights[i] for i in rows])
-            aggregated = curvatures.nanmedian(dim=1).values if self.aggregate == "median" else curvatures.nanmean(dim=1)
-            estimate[rows] = (aggregated + batch.decay[rows]).to(estimate.dtype)
+            grad_changes, steps = self._changes(batch, direction, rows, [positions[i] for i in rows],
+                                                [grads[i] for i in rows], [weights[i] for i in rows])
+            estimate[rows] = (self._row_estimates(grad_changes, steps) + batch.decay[rows]).to(estimate.dtype)
         for state, grad, weight in zip(batch.states, grads, weights, strict=True):
             state["sample_prev_grad"] = grad
             state["sample_prev_weight"] = weight
         return estimate
+
+    def _row_estimates(self, grad_changes: Tensor, steps: Tensor) -> Tensor:
+        """Per row of :meth:`_changes`: ``agg_i(P_i |dg_i| / |dw_i|)`` over the elements that moved (NaN where none)."""
+        moved = steps > NEGLIGIBLE_STEP_FRACTION * steps.nanmean(dim=1, keepdim=True)
+        curvatures = torch.where(moved, grad_changes / steps, math.nan)
+        return curvatures.nanmedian(dim=1).values if self.aggregate == "median" else curvatures.nanmean(dim=1)
 
     def _secant(self, grad_change: Tensor, weight_change: Tensor) -> Tensor:
         """``agg_i(P_i |dg_i| / |dw_i|)`` over the sampled elements with ``|dw_i| > 10^-3 mean_j |dw_j|``."""
@@ -196,14 +201,14 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
         return self._fragment_samples[key]
 
     @staticmethod
-    def _curvatures(batch: LayerBatch, direction: Direction, rows: list[int], positions: list[Tensor | None],
-                    grads: TensorList, weights: TensorList) -> Tensor:
-        """``[len(rows), length]`` per-element secants ``P_i |dg_i| / |dw_i|`` of the layers ``rows``, NaN where none."""
+    def _changes(batch: LayerBatch, direction: Direction, rows: list[int], positions: list[Tensor | None],
+                 grads: TensorList, weights: TensorList) -> tuple[Tensor, Tensor]:
+        """``[len(rows), length]`` matrices of ``P_i |dg_i|`` and ``|dw_i|`` at the sampled elements of the layers
+        ``rows``, NaN in the padding."""
         grad_change = (_padded(grads) - _padded([batch.states[i]["sample_prev_grad"] for i in rows])).abs_()
         direction.precondition_rows_(rows, grad_change, lambda tensors: _padded(_samples(tensors, positions)))
         steps = (_padded(weights) - _padded([batch.states[i]["sample_prev_weight"] for i in rows])).abs_()
-        moved = steps > NEGLIGIBLE_STEP_FRACTION * steps.nanmean(dim=1, keepdim=True)
-        return torch.where(moved, grad_change / steps, math.nan)
+        return grad_change, steps
 
 
 def _offsets(lengths: list[int]) -> list[int]:
