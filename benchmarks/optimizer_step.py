@@ -191,6 +191,7 @@ def optimizer_factories(reference_paths: bool,
         "lars": ("lars", {}),
         "mclr": ("mclr", {}),
         "cblr_adam secant": ("cblr_adam", {"curvature": "secant"}),
+        "cblr_adam secant_sampled": ("cblr_adam", {"curvature": "secant_sampled"}),
         "mclr_adam": ("mclr_adam", {}),
         "lamb": ("lamb", {}),
     }
