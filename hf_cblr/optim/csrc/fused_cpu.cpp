@@ -38,10 +38,12 @@ inline T lerp(T m, T g, T w_or_its_complement) {
   return HIGH ? g - w_or_its_complement * (g - m) : m + w_or_its_complement * (g - m);
 }
 
-// Adam's moments and the sums of squares of g, m, q = m / (sqrt(v) + eps), d = a w + b q and w.
-template <typename T, bool HIGH>
-void adam_direction_range(const T* __restrict__ g, const T* __restrict__ w, T* __restrict__ m, T* __restrict__ v,
-                          const std::array<T, 6>& c, int64_t begin, int64_t end, std::array<double, 5>& sums) {
+// Adam's moments and the sums of squares of g, m, q = m / (sqrt(v) + eps), d = a w + b q and w (before any update);
+// with UPDATE also w <- w - f d: the reduction and update passes in one, for rates known before the step's pass
+// (MCLR's come from element samples).
+template <typename T, bool HIGH, bool UPDATE>
+void adam_range(const T* __restrict__ g, T* __restrict__ w, T* __restrict__ m, T* __restrict__ v,
+                const std::array<T, 6>& c, T f, int64_t begin, int64_t end, std::array<double, 5>& sums) {
   const T weight = HIGH ? T(1) - c[0] : c[0], beta2 = c[1], one_minus_beta2 = c[2], eps = c[3], a = c[4], b = c[5];
   T s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
@@ -54,37 +56,7 @@ void adam_direction_range(const T* __restrict__ g, const T* __restrict__ w, T* _
     const T q = mj / (std::sqrt(vj) + eps);
     const T wj = w[j];
     const T d = a * wj + b * q;
-    s0 += gj * gj;
-    s1 += mj * mj;
-    s2 += q * q;
-    s3 += d * d;
-    s4 += wj * wj;
-  }
-  sums[0] += s0;
-  sums[1] += s1;
-  sums[2] += s2;
-  sums[3] += s3;
-  sums[4] += s4;
-}
-
-// Adam's moments, the sums of adam_direction_range, and w <- w - f d: the reduction and update passes in one, for rates
-// known before the step's pass (MCLR's come from element samples).
-template <typename T, bool HIGH>
-void adam_step_range(const T* __restrict__ g, T* __restrict__ w, T* __restrict__ m, T* __restrict__ v,
-                     const std::array<T, 6>& c, T f, int64_t begin, int64_t end, std::array<double, 5>& sums) {
-  const T weight = HIGH ? T(1) - c[0] : c[0], beta2 = c[1], one_minus_beta2 = c[2], eps = c[3], a = c[4], b = c[5];
-  T s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
-  for (int64_t j = begin; j < end; ++j) {
-    const T gj = g[j];
-    const T mj = lerp<T, HIGH>(m[j], gj, weight);
-    const T vj = v[j] * beta2 + gj * (gj * one_minus_beta2);
-    m[j] = mj;
-    v[j] = vj;
-    const T q = mj / (std::sqrt(vj) + eps);
-    const T wj = w[j];
-    const T d = a * wj + b * q;
-    w[j] = wj - f * d;
+    if (UPDATE) w[j] = wj - f * d;
     s0 += gj * gj;
     s1 += mj * mj;
     s2 += q * q;
@@ -163,52 +135,27 @@ std::array<T, N> row(const torch::Tensor& coefficients, int64_t layer) {
   return out;
 }
 
-template <typename T>
-torch::Tensor adam_direction_typed(const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& weights,
-                                   const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
-                                   const torch::Tensor& coefficients) {
+// adam_range over every layer; with UPDATE, `factors` holds each layer's f (double, one per layer).
+template <typename T, bool UPDATE>
+torch::Tensor adam_typed(const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& weights,
+                         const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
+                         const torch::Tensor& coefficients, const double* factors) {
   const int64_t layers = static_cast<int64_t>(grads.size());
   auto out = torch::empty({layers, 5}, torch::dtype(torch::kFloat64));
   double* o = out.data_ptr<double>();
-  for (int64_t i = 0; i < layers; ++i) {
-    const T* g = grads[i].data_ptr<T>();
-    const T* w = weights[i].data_ptr<T>();
-    T* m = exp_avgs[i].data_ptr<T>();
-    T* v = exp_avg_sqs[i].data_ptr<T>();
-    const auto c = row<T, 6>(coefficients, i);
-    const bool high = std::abs(c[0]) >= T(0.5);
-    const auto sums = chunked_sums<5>(grads[i].numel(), [&](int64_t begin, int64_t end, std::array<double, 5>& s) {
-      if (high)
-        adam_direction_range<T, true>(g, w, m, v, c, begin, end, s);
-      else
-        adam_direction_range<T, false>(g, w, m, v, c, begin, end, s);
-    });
-    for (int k = 0; k < 5; ++k) o[i * 5 + k] = sums[k];
-  }
-  return out;
-}
-
-template <typename T>
-torch::Tensor adam_step_typed(const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& weights,
-                              const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
-                              const torch::Tensor& coefficients, const torch::Tensor& factors) {
-  const int64_t layers = static_cast<int64_t>(grads.size());
-  auto out = torch::empty({layers, 5}, torch::dtype(torch::kFloat64));
-  double* o = out.data_ptr<double>();
-  const double* f = factors.data_ptr<double>();
   for (int64_t i = 0; i < layers; ++i) {
     const T* g = grads[i].data_ptr<T>();
     T* w = weights[i].data_ptr<T>();
     T* m = exp_avgs[i].data_ptr<T>();
     T* v = exp_avg_sqs[i].data_ptr<T>();
     const auto c = row<T, 6>(coefficients, i);
-    const T factor = static_cast<T>(f[i]);
+    const T factor = UPDATE ? static_cast<T>(factors[i]) : T(0);
     const bool high = std::abs(c[0]) >= T(0.5);
     const auto sums = chunked_sums<5>(grads[i].numel(), [&](int64_t begin, int64_t end, std::array<double, 5>& s) {
       if (high)
-        adam_step_range<T, true>(g, w, m, v, c, factor, begin, end, s);
+        adam_range<T, true, UPDATE>(g, w, m, v, c, factor, begin, end, s);
       else
-        adam_step_range<T, false>(g, w, m, v, c, factor, begin, end, s);
+        adam_range<T, false, UPDATE>(g, w, m, v, c, factor, begin, end, s);
     });
     for (int k = 0; k < 5; ++k) o[i * 5 + k] = sums[k];
   }
@@ -292,15 +239,16 @@ bool is_double(const std::vector<torch::Tensor>& tensors) {
 torch::Tensor adam_direction(const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& weights,
                              const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
                              const torch::Tensor& coefficients) {
-  return is_double(grads) ? adam_direction_typed<double>(grads, weights, exp_avgs, exp_avg_sqs, coefficients)
-                          : adam_direction_typed<float>(grads, weights, exp_avgs, exp_avg_sqs, coefficients);
+  return is_double(grads) ? adam_typed<double, false>(grads, weights, exp_avgs, exp_avg_sqs, coefficients, nullptr)
+                          : adam_typed<float, false>(grads, weights, exp_avgs, exp_avg_sqs, coefficients, nullptr);
 }
 
 torch::Tensor adam_step(const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& weights,
                         const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
                         const torch::Tensor& coefficients, const torch::Tensor& factors) {
-  return is_double(grads) ? adam_step_typed<double>(grads, weights, exp_avgs, exp_avg_sqs, coefficients, factors)
-                          : adam_step_typed<float>(grads, weights, exp_avgs, exp_avg_sqs, coefficients, factors);
+  const double* f = factors.data_ptr<double>();
+  return is_double(grads) ? adam_typed<double, true>(grads, weights, exp_avgs, exp_avg_sqs, coefficients, f)
+                          : adam_typed<float, true>(grads, weights, exp_avgs, exp_avg_sqs, coefficients, f);
 }
 
 void adam_update(const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& exp_avgs,
