@@ -26,7 +26,6 @@ the functional step, :func:`hf_cblr.optim.functional.cblr_step`, with its parts:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from itertools import chain
 from typing import Any, ClassVar
 
@@ -34,7 +33,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_cblr.optim._tensor_ops import select_ops
 from hf_cblr.optim.config import CBLRConfig, GroupSettings
 from hf_cblr.optim.directions import create_direction
 from hf_cblr.optim.dtensor_layers import DTensorLayers, check_dtensor_support
@@ -44,7 +42,7 @@ from hf_cblr.optim.layer_sources import LayerSource, LocalLayers
 from hf_cblr.optim.param_groups import layer_ndim
 from hf_cblr.optim.partitioned import PartitionedLayers, PartitionLayout
 from hf_cblr.optim.rates import create_rate_rule
-from hf_cblr.optim.types import LayerBatch, LayerSums, StateKind, in_mask
+from hf_cblr.optim.types import LayerBatch, StateKind, in_mask
 
 #: The per-parameter state entries of torch's optimizers, to name what saved a state that is not ours.
 FOREIGN_STATE_ENTRIES = {
@@ -146,7 +144,7 @@ class CBLR(Optimizer):
         self._partitioned = PartitionedLayers(config.partition_layout)
         #: FSDP2: the groups hold DTensor shards of the layers
         self.dtensor_layers = DTensorLayers()
-        self._local = LocalLayers()
+        self._local = LocalLayers(self.fused)
         super().__init__(params, config.group_defaults())
 
     @classmethod
@@ -226,9 +224,6 @@ class CBLR(Optimizer):
                 break
         if not batches:
             return loss
-        if source is self._local and self.fused is not False:  # the fused kernels take whole layers only
-            batches = [replace(batch, ops=ops, sums=LayerSums(ops)) for batch in batches
-                       for ops in [select_ops(self.foreach, batch.params, self.fused, whole_layers=True)]]
         step = self._advance_step_counters(batches)
         estimate = not self.estimator.needs_closure or (step - 1) % self.update_interval == 0
         closure_loss, stats = cblr_step(batches, self.parts, step=step, closure=closure, estimate=estimate)

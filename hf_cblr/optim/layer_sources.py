@@ -36,7 +36,11 @@ class LayerSource(Protocol):
 
 
 class LocalLayers:
-    """The param groups' own parameters (those with a gradient) are the layers; their state is the optimizer's."""
+    """The param groups' own parameters (those with a gradient) are the layers; their state is the optimizer's.
+    Whole layers, so the fused kernels may run on them (``fused``: the optimizer's setting, :func:`select_ops`)."""
+
+    def __init__(self, fused: bool | None = None) -> None:
+        self.fused = fused
 
     def batches(self, param_groups: list[dict[str, Any]], state: dict[Tensor, dict[str, Any]], *,
                 new_state: Callable[[Tensor], dict[str, Any]], schema: Mapping[str, StateKind], foreach: bool | None,
@@ -55,7 +59,7 @@ class LocalLayers:
                 batches.append(layer_batch(
                     group, params, [p.grad for p in params], [state[p] for p in params],
                     names=[names[j] for j, _ in members], layer_ids=[first_layer_id + j for j, _ in members],
-                    ndims=[layer_ndim(p) for p in params], ops=select_ops(foreach, params),
+                    ndims=[layer_ndim(p) for p in params], ops=select_ops(foreach, params, self.fused, whole_layers=True),
                 ))
             first_layer_id += len(group["params"])
         return batches
