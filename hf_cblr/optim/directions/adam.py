@@ -195,24 +195,21 @@ class Adam(BaseDirection):
         exp_avgs = [state["exp_avg"] for state in batch.states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in batch.states]
         coefficients = torch.tensor(rows, dtype=batch.decay.dtype, device=batch.decay.device)
+        formed: dict[str, Any] = {
+            "tensors": exp_avgs, "scales": torch.tensor(scales, device=batch.decay.device), "second_moments": exp_avg_sqs,
+            "inverse_sqrt_bias_corrections2": [1 / c2 for c2 in sqrt_bias_corrections2], "eps": eps,
+            "coefficients": coefficients}
         if one_pass:  # the update's pass takes the norms (UnformedAdamDirection)
             unknown = torch.full((len(batch),), math.nan, dtype=batch.decay.dtype, device=batch.decay.device)
-            return UnformedAdamDirection(
-                tensors=exp_avgs, grad_norms=unknown, scales=torch.tensor(scales, device=batch.decay.device),
-                tensor_norms=unknown.clone(), second_moments=exp_avg_sqs,
-                inverse_sqrt_bias_corrections2=[1 / c2 for c2 in sqrt_bias_corrections2], eps=eps,
-                coefficients=coefficients, one_pass=True, grads=list(batch.grads))
+            return UnformedAdamDirection(**formed, grad_norms=unknown, tensor_norms=unknown.clone(), one_pass=True,
+                                         grads=list(batch.grads))
         sums = ops.adam_direction(batch.grads, batch.weights, exp_avgs, exp_avg_sqs, coefficients)
         grad_norms, momentum_norms, q_norms, direction_norms, weight_norms = sums.sqrt().unbind(1)
         batch.sums.add_norms(weight_norms, of=batch.weights)  # |w| for the weight-norm curvature (LAMB): no other pass
         return UnformedAdamDirection(
-            tensors=exp_avgs, grad_norms=grad_norms, scales=torch.tensor(scales, device=batch.decay.device),
-            tensor_norms=direction_norms, second_moments=exp_avg_sqs,
-            inverse_sqrt_bias_corrections2=[1 / c2 for c2 in sqrt_bias_corrections2], eps=eps,
+            **formed, grad_norms=grad_norms, tensor_norms=direction_norms,
             momentum_norms=momentum_norms if gains else None, quotient_norms=q_norms if gains else None,
-            sqrt_bias_corrections2=torch.tensor(sqrt_bias_corrections2, device=grad_norms.device) if gains else None,
-            coefficients=coefficients,
-        )
+            sqrt_bias_corrections2=torch.tensor(sqrt_bias_corrections2, device=grad_norms.device) if gains else None)
 
     def update(self, batch: LayerBatch, direction: Direction, rates: Tensor) -> Tensor:
         lr = batch.group["lr"]
