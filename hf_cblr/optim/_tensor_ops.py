@@ -31,7 +31,7 @@ On the CPU the same kernels run as C++ (``csrc/fused_cpu.cpp``, built by :mod:`h
 tensor of a list is a contiguous fp32 or fp64 CPU tensor: Inductor does not put a reduction and the in-place stores of
 the same elements in one loop, so its reduction pass reads the layer twice, where the C++ kernel reads it once. There
 the fused path's norms are one C++ pass per tensor too (:meth:`FusedTensorListOps.norms`). Where the C++ kernels cannot
-be built, Inductor's run (one logged warning).
+be built, Inductor's run (the reason logged at INFO: :mod:`hf_cblr.optim._cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -286,6 +286,19 @@ ADAM_COEFFICIENTS = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weig
 MOMENTUM_COEFFICIENTS = ("decay", "rate", "lr", "buffer", "direction", "step_direction", "step_buffer")
 
 
+def _adam_moments_and_sums(grad: Tensor, weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                           coefficients: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`adam_direction_kernel`'s work: the moments updated in place; returns the direction ``d`` (not stored) and
+    the sums of squares of ``g, m, q, d, w``."""
+    one_minus_beta1, beta2, one_minus_beta2, eps, weight_coefficient, quotient_coefficient = coefficients.unbind()
+    exp_avg.lerp_(grad, one_minus_beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad * one_minus_beta2)
+    quotient = exp_avg / (exp_avg_sq.sqrt() + eps)
+    direction = weight_coefficient * weight + quotient_coefficient * quotient
+    return direction, torch.stack([grad.square().sum(), exp_avg.square().sum(), quotient.square().sum(),
+                                   direction.square().sum(), weight.square().sum()])
+
+
 def adam_direction_kernel(grad: Tensor, weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, coefficients: Tensor) -> Tensor:
     r"""Adam's moments of one layer and the norms of its direction, in one pass (the reduction pass); returns the sums
     of squares of ``g, m, q, d, w``. The direction is not stored: :func:`adam_update_kernel` forms it again.
@@ -297,13 +310,7 @@ def adam_direction_kernel(grad: Tensor, weight: Tensor, exp_avg: Tensor, exp_avg
         m \leftarrow m + (1 - \beta_1)(g - m),\quad v \leftarrow \beta_2 v + (1 - \beta_2)\, g^2,\quad
         q = \frac{m}{\sqrt v + \epsilon'},\quad d = a\, w + b\, q
     """
-    one_minus_beta1, beta2, one_minus_beta2, eps, weight_coefficient, quotient_coefficient = coefficients.unbind()
-    exp_avg.lerp_(grad, one_minus_beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad * one_minus_beta2)
-    quotient = exp_avg / (exp_avg_sq.sqrt() + eps)
-    direction = weight_coefficient * weight + quotient_coefficient * quotient
-    return torch.stack([grad.square().sum(), exp_avg.square().sum(), quotient.square().sum(), direction.square().sum(),
-                        weight.square().sum()])
+    return _adam_moments_and_sums(grad, weight, exp_avg, exp_avg_sq, coefficients)[1]
 
 
 def adam_update_kernel(weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, coefficients: Tensor, factor: Tensor) -> None:
@@ -318,13 +325,7 @@ def adam_step_kernel(grad: Tensor, weight: Tensor, exp_avg: Tensor, exp_avg_sq: 
                      factor: Tensor) -> Tensor:
     r""":func:`adam_direction_kernel` and :func:`adam_update_kernel` in one pass, for rates known before it: the moments,
     :math:`w \leftarrow w - f\, d`, and the sums of squares of ``g, m, q, d, w`` (``w`` before the update)."""
-    one_minus_beta1, beta2, one_minus_beta2, eps, weight_coefficient, quotient_coefficient = coefficients.unbind()
-    exp_avg.lerp_(grad, one_minus_beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad * one_minus_beta2)
-    quotient = exp_avg / (exp_avg_sq.sqrt() + eps)
-    direction = weight_coefficient * weight + quotient_coefficient * quotient
-    sums = torch.stack([grad.square().sum(), exp_avg.square().sum(), quotient.square().sum(), direction.square().sum(),
-                        weight.square().sum()])
+    direction, sums = _adam_moments_and_sums(grad, weight, exp_avg, exp_avg_sq, coefficients)
     weight.sub_(factor * direction)
     return sums
 
@@ -435,13 +436,14 @@ def fused_kernels_available(device_type: str) -> bool:
 
 
 class FusedTensorListOps(ForeachTensorListOps):
-    """The foreach path, plus the bases' elementwise work as one compiled call per list of layers (the kernels above).
+    """The foreach path, plus the bases' elementwise work as one call per list of layers (the kernels above).
 
-    The bases call :meth:`adam_direction` and :meth:`momentum_update` on a batch whose ``ops`` are these, with the
-    whole param group's layers (:meth:`chunk_elements` is None: a chunk of another length would be another graph).
-    Inductor emits every layer's pass in that one call (C++ loops on the CPU, Triton kernels on the GPU), so the
-    per-call cost (Dynamo's guards, the wrapper) is paid once per group, not once per layer. Their per-layer sums of
-    squares go through :meth:`all_reduce_sum`, as the foreach path's norms do.
+    The bases call :meth:`adam_direction`, :meth:`adam_update`, :meth:`adam_step` and :meth:`momentum_update`, the secant
+    :meth:`replace`, on a batch whose ``ops`` are these, with the whole param group's layers (:meth:`chunk_elements` is
+    None: a chunk of another length would be another graph). Each runs the C++ kernels where :func:`_cpu_kernels_for`
+    finds them, else the Inductor-compiled list kernel, which emits every layer's pass in one call (Triton kernels on
+    the GPU), so the per-call cost (Dynamo's guards, the wrapper) is paid once per group, not once per layer. Their
+    per-layer sums of squares go through :meth:`all_reduce_sum`, as the foreach path's norms do.
     """
 
     def chunk_elements(self, tensors: Sequence[Tensor]) -> int | None:
