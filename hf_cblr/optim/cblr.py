@@ -99,14 +99,16 @@ class CBLR(Optimizer):
         seed: seeds the element samples and Hutchinson probes.
         fd_step: the norm of the finite-difference perturbation of ``curvature="fd"``.
         foreach: multi-tensor kernels (``None``: yes where supported) or the single-tensor loop.
-        fused: the fused kernels: each base's elementwise work (Adam's moments and direction, then its update; momentum
-            SGD's direction, rate, buffer and update), with the per-layer norms, compiled as one call per param group
-            and pass (:class:`~hf_cblr.optim._tensor_ops.FusedTensorListOps`). The first step compiles (1-2.5 min cold
-            at BERT-base size on 2 CPU cores, about 20 s from Inductor's disk cache); lr, rates and step counts are
-            kernel inputs, so later steps do not recompile. Where Inductor cannot compile (no C++ compiler on the CPU,
-            no Triton on the GPU) one warning is logged and the foreach kernels run. Applies to the optimizer's own
-            layers; ZeRO partitions and FSDP2 shards run the foreach kernels. ``None`` (default): not fused
-            (``docs/benchmarks.md``, "The fused step"). ``fused=True`` with ``foreach=True`` is an error, as in torch.
+        fused: the fused kernels: each base's elementwise work (Adam's moments and direction, then its update, or both
+            in one pass where the estimator reads only its samples; momentum SGD's direction, rate, buffer and update),
+            with the per-layer norms, one pass per layer and one call per param group and pass
+            (:class:`~hf_cblr.optim._tensor_ops.FusedTensorListOps`): C++ on the CPU (built on a machine's first step,
+            about 25 s), Inductor-compiled elsewhere (the first step compiles; lr, rates and step counts are kernel
+            inputs, so later steps do not recompile). Where neither can be built, one warning is logged and the foreach
+            kernels run. Applies to the optimizer's own layers; ZeRO partitions and FSDP2 shards run the foreach
+            kernels. ``None`` (default): fused where measured faster, on contiguous fp32/fp64 CPU layers where the C++
+            kernels build, else foreach (:func:`~hf_cblr.optim._tensor_ops.select_ops`; ``docs/benchmarks.md``, "The
+            fused step"). ``fused=True`` with ``foreach=True`` is an error, as in torch.
         partition_layout: where a sharding engine puts the layers once it replaces a param group's parameters by
             one flat partition (:class:`~hf_cblr.optim.partitioned.PartitionLayout`). Default (None): DeepSpeed
             ZeRO's, read from the attributes it sets on the parameters.
