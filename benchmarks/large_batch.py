@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 #: Cell keys that are not ``CBLRTrainingArguments`` fields.
-HARNESS_KEYS = ("batch", "label", "probe_interval")
+HARNESS_KEYS = ("batch", "label", "probe_interval", "registry_settings")
 #: Per weight matrix of a run, in its folder: the displacement of training (:func:`weight_displacement`).
 DISPLACEMENT_FILE = "weight_displacement.json"
 #: A dev accuracy below this (or a non-finite training loss) marks a run as diverged.
@@ -99,13 +99,45 @@ def expand(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return cells
 
 
+def with_registry_settings(cell: dict[str, Any]) -> dict[str, Any]:
+    """The cell, with the settings the package's registry chooses for its optimizer (``OptimInfo.recommended``, which
+    the cell's ``optim_args`` override) as ``registry_settings`` (``"k=v,..."``), where there are any.
+
+    They are part of what a cell runs, so a cell run under other registry defaults (an older commit) is another cell,
+    neither skipped as done nor reported with this one. A grid entry may pin them (``registry_settings: "k=v,..."``,
+    or ``""`` for the optimizer's class defaults alone): the cell then runs those settings whatever the registry says
+    now (:func:`optim_args_of`), so a former default stays reproducible.
+    """
+    from hf_cblr.optim import get_optimizer_info, list_optimizers
+
+    if "registry_settings" in cell:
+        pinned = cell["registry_settings"]
+        return cell if pinned else {key: value for key, value in cell.items() if key != "registry_settings"}
+    if cell["optim"] not in list_optimizers() or not get_optimizer_info(cell["optim"]).recommended:
+        return cell
+    settings = get_optimizer_info(cell["optim"]).recommended
+    return {**cell, "registry_settings": ",".join(f"{key}={settings[key]}" for key in sorted(settings))}
+
+
+def optim_args_of(cell: dict[str, Any]) -> str | None:
+    """The ``optim_args`` a cell trains with: its ``registry_settings`` under its ``optim_args`` (which override them,
+    as they override the registry's choice in the package), each checked by the package's parser."""
+    from hf_cblr.integrations.transformers import parse_optim_args
+
+    items: dict[str, str] = {}
+    for source in (cell.get("registry_settings"), cell.get("optim_args")):
+        for key in parse_optim_args(source):
+            items[key] = next(item.strip() for item in source.split(",") if item.partition("=")[0].strip() == key)
+    return ",".join(items.values()) or None
+
+
 def load_grid(path: Path) -> list[dict[str, Any]]:
     import yaml
 
     entries = yaml.safe_load(path.read_text())
     if not isinstance(entries, list):
         raise ValueError(f"{path}: a grid is a YAML list of cells")
-    return expand(entries)
+    return [with_registry_settings(cell) for cell in expand(entries)]
 
 
 def cell_key(cell: dict[str, Any]) -> str:
@@ -236,6 +268,8 @@ def training_arguments(cell: dict[str, Any], profile: Profile, output_dir: Path)
     if batch % micro:
         raise ValueError(f"batch {batch} is not a multiple of the micro-batch {micro}")
     fields = {key: value for key, value in cell.items() if key not in HARNESS_KEYS}
+    if "registry_settings" in cell:
+        fields["optim_args"] = optim_args_of(cell)
     return CBLRTrainingArguments(**{
         "num_train_epochs": profile.epochs, **profile.defaults, **fields,
         "output_dir": str(output_dir), "per_device_train_batch_size": micro,
