@@ -3,9 +3,10 @@ r"""Time ``optimizer.step()`` on BERT-base-shaped parameters (random data, no do
 The parameters are the 201 tensors of ``BertForSequenceClassification`` (BERT-base, 2 labels):
 109,483,778 values. Gradients are drawn once from a fixed seed and kept for every step. Param
 groups follow Hugging Face's ``Trainer``: weight decay (and, for ours, the layer rate) on tensors
-with ``ndim >= 2``, neither on biases and LayerNorm parameters. Our optimizers run with their
-defaults (CBLR's estimator is ``secant``) and include what every step of theirs does: the
-per-layer statistics behind ``layer_stats()``.
+with ``ndim >= 2``, neither on biases and LayerNorm parameters. Our optimizers run with their registry
+defaults (row ``cblr_adam``: the median of element-wise secants) or the estimator their row names (``cblr secant``,
+``cblr_adam secant``: the plain layer secant, whose ``secant_denoised`` and ``secant_pooled`` add hooks on the backward
+pass, not the step), and include what every step of theirs does: the per-layer statistics behind ``layer_stats()``.
 
 Every optimizer is warmed up (``--warmup`` steps: state allocation, first estimates), then timed
 over ``--repeats`` steps, alternating with steps of the reference, torch AdamW-foreach, in turns of
@@ -190,6 +191,7 @@ def optimizer_factories(reference_paths: bool,
         "cblr weight_norm": ("cblr", {"curvature": "weight_norm"}),
         "lars": ("lars", {}),
         "mclr": ("mclr", {}),
+        "cblr_adam": ("cblr_adam", {}),
         "cblr_adam secant": ("cblr_adam", {"curvature": "secant"}),
         "cblr_adam secant_sampled": ("cblr_adam", {"curvature": "secant_sampled"}),
         "mclr_adam": ("mclr_adam", {}),

@@ -17,7 +17,7 @@ CHECKPOINTS = torch.load(FIXTURE, weights_only=False)["checkpoints"]
 #: the default runs the fused kernels on the CPU since, which round differently (to 1e-6 relative); the fixture was
 #: saved on the foreach kernels, which continue it bit for bit.
 V0_DEFAULTS = {name: {"fused": False} for name in CHECKPOINTS} | {
-    "cblr_adam": {"curvature": "secant_denoised", "rate_rule": "inverse_curvature", "fused": False}}
+    "cblr_adam": {"curvature": "secant_denoised", "aggregate": "mean", "rate_rule": "inverse_curvature", "fused": False}}
 
 
 def test_the_fixture_covers_every_registry_optimizer() -> None:
@@ -37,11 +37,11 @@ def test_a_saved_checkpoint_continues_bit_exactly(name: str) -> None:
 
 
 def test_a_checkpoint_saved_under_the_old_defaults_is_refused_under_the_new() -> None:
-    """``cblr_adam``'s defaults changed (``secant_pooled`` under the median rule): resuming its v0 checkpoint with the
+    """``cblr_adam``'s defaults changed (the median of element-wise secants under the median rule): resuming its v0 checkpoint with the
     new defaults stops, naming the setting, instead of continuing another optimizer's state."""
     _, optimizer = build("cblr_adam")
     with pytest.raises(ValueError, match=r"saved with \{'curvature': 'secant_denoised'"):
         optimizer.load_state_dict(CHECKPOINTS["cblr_adam"]["optimizer"])
-    _, optimizer = build("cblr_adam", curvature="secant_denoised")  # the old estimator under the new (median) rule
+    _, optimizer = build("cblr_adam", curvature="secant_denoised", aggregate="mean")  # the old estimator, new (median) rule
     with pytest.raises(ValueError, match=r"saved with \{'rate_rule': 'inverse_curvature'\}"):
         optimizer.load_state_dict(CHECKPOINTS["cblr_adam"]["optimizer"])

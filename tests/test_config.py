@@ -11,7 +11,7 @@ from torch import nn
 
 from hf_cblr import CBLR, LAMB, LARS, MCLR
 from hf_cblr.integrations.transformers import check_optimizer_arguments
-from hf_cblr.optim import get_optimizer_info
+from hf_cblr.optim import create_optimizer, get_optimizer_info
 from hf_cblr.optim.config import DEFAULT_TRUST, CBLRConfig, GroupSettings
 
 
@@ -86,6 +86,25 @@ def test_cblr_under_the_median_rule_is_mclr() -> None:
     for mclr_param, cblr_param in zip(*models, strict=True):
         torch.testing.assert_close(cblr_param, mclr_param, rtol=0, atol=0)
     assert not torch.equal(models[0][0], weights[0])
+
+
+def test_the_registrys_cblr_adam_steps_as_mclr_adam() -> None:
+    """The registry's ``cblr_adam`` takes the estimator that measured best on the Adam base (``docs/study.md``, "The
+    default of cblr_adam"): the median of element-wise secants under the median rule, MCLR-Adam's update; a caller's
+    ``curvature`` still overrides it."""
+    torch.manual_seed(0)
+    weights = [torch.randn(6, 5), torch.randn(4, 6)]
+    models = [[nn.Parameter(w.clone()) for w in weights] for _ in range(2)]
+    optimizers = [create_optimizer(models[0], "mclr_adam", lr=0.05), create_optimizer(models[1], "cblr_adam", lr=0.05)]
+    for _ in range(4):
+        x = torch.randn(8, 5)
+        for params, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad()
+            (torch.tanh(x @ params[0].T) @ params[1].T).pow(2).mean().backward()
+            optimizer.step()
+    for mclr_param, cblr_param in zip(*models, strict=True):
+        torch.testing.assert_close(cblr_param, mclr_param, rtol=0, atol=0)
+    assert create_optimizer([nn.Parameter(torch.zeros(2, 2))], "cblr_adam", curvature="secant").settings.curvature == "secant"
 
 
 def test_a_group_override_is_validated_when_the_group_is_added() -> None:

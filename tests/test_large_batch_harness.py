@@ -37,6 +37,31 @@ def test_finished_cells_are_skipped_and_the_label_is_not_part_of_a_cell() -> Non
     assert large_batch.pending(cells, done) == cells[1:]
 
 
+def test_a_cell_carries_the_registry_settings_it_runs_and_a_grid_may_pin_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry's choice for ``cblr_adam`` is part of its cells (their key and their training arguments, under the
+    cell's own ``optim_args``); optimizers without one get nothing; a pinned value runs whatever the registry says now,
+    and an empty pin means the class's defaults alone (a cell of a commit before the registry chose any)."""
+    from hf_cblr.optim import get_optimizer_info
+
+    lamb, cblr_adam = large_batch.expand([{"optim": ["lamb", "cblr_adam"], "batch": 8}])
+    assert large_batch.with_registry_settings(lamb) == lamb
+    recommended = get_optimizer_info("cblr_adam").recommended
+    current = large_batch.with_registry_settings({**cblr_adam, "optim_args": "curvature=secant,trust=2"})
+    assert current["registry_settings"] == ",".join(f"{key}={recommended[key]}" for key in sorted(recommended))
+    args = large_batch.optim_args_of(current)
+    assert "curvature=secant" in args.split(",") and "trust=2" in args.split(",")
+    assert f"rate_rule={recommended['rate_rule']}" in args.split(",")
+    pinned = large_batch.with_registry_settings({**cblr_adam, "registry_settings": "curvature=secant_pooled"})
+    assert pinned["registry_settings"] == "curvature=secant_pooled"
+    assert large_batch.optim_args_of(pinned) == "curvature=secant_pooled"
+    assert large_batch.with_registry_settings({**cblr_adam, "registry_settings": ""}) == cblr_adam
+    before = large_batch.cell_key(large_batch.with_registry_settings(cblr_adam))
+    monkeypatch.setitem(recommended, "rate_rule", "inverse_curvature")  # the registry's choice changes: another cell
+    assert large_batch.cell_key(large_batch.with_registry_settings(cblr_adam)) != before
+    with pytest.raises(ValueError, match="twice"):
+        large_batch.optim_args_of({**cblr_adam, "optim_args": "trust=1,trust=2"})
+
+
 def _profile(**kwargs: Any) -> Any:
     defaults = dict(name="test", train_file="train.tsv", dev_file="dev.tsv", max_length=16, micro_batch=4, epochs=3,
                     large_batch=16, max_steps=4, max_work=1.25)

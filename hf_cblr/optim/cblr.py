@@ -73,7 +73,8 @@ class CBLR(Optimizer):
             :data:`~hf_cblr.optim.config.DEFAULT_TRUST` of the base.
         curvature: estimator name, one of :data:`~hf_cblr.optim.estimators.CURVATURE_ESTIMATORS`:
             ``secant_denoised`` (default), ``secant``, ``secant_pooled``, ``secant_elementwise``, ``weight_norm``,
-            ``hvp``, ``fd``, ``hutchinson`` (the registry's ``cblr_adam`` takes ``secant_pooled``). The plain
+            ``secant_sampled``, ``hvp``, ``fd``, ``hutchinson`` (the registry's ``cblr_adam`` takes
+            ``secant_elementwise`` with ``aggregate="median"``, the best measured on the Adam base). The plain
             stochastic ``secant`` collapses the rates when fine-tuning a transformer (``docs/algorithm.md``, §4 and §8);
             ``secant_denoised`` and ``secant_pooled`` need two or more backward passes per step (gradient
             accumulation) and are not supported under DeepSpeed ZeRO or FSDP2.
