@@ -345,7 +345,8 @@ def test_cpu_kernels_equal_inductor_kernels(dtype: torch.dtype, one_minus_beta1:
     ours, theirs = [p.clone() for p in previous], [p.clone() for p in previous]
     sums = kernels.replace_and_difference_squares(ours, current)
     expected = compiled(replace_lists)(theirs, current)
-    torch.testing.assert_close(sums.to(dtype), expected, **tolerance)
+    torch.testing.assert_close(sums[:, 0].to(dtype), expected, **tolerance)
+    torch.testing.assert_close(sums[:, 1].to(dtype), FOREACH_OPS.norms(current).square(), **tolerance)
     assert all(torch.equal(a, c) and torch.equal(b, c) for a, b, c in zip(ours, theirs, current, strict=True))
 
     torch.testing.assert_close(FUSED_OPS.norms(grads), FOREACH_OPS.norms(grads), **tolerance)
@@ -412,6 +413,33 @@ def test_lamb_takes_the_weight_norms_from_the_adam_pass(monkeypatch: pytest.Monk
     weights, _ = _run("lamb", {}, True, steps=3)
     assert "adam_direction" in kernel_calls and norm_calls == []
     _assert_relatively_close(weights, _run("lamb", {}, False, steps=3)[0])
+
+
+def test_the_secant_takes_the_gradient_norms_from_its_replace_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the C++ kernels the secant's pass over ``g_{t-1}`` and ``g_t`` also takes ``|g_t|``, which the SGD direction
+    reads: from the second step (the first with a previous gradient) the step takes no norm pass, with the numbers of
+    the foreach kernels."""
+    if cpu_kernels() is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    norm_calls: list[int] = []
+    original = FusedTensorListOps.norms
+
+    def spy(self: FusedTensorListOps, xs: Any) -> Any:
+        norm_calls.append(len(xs))
+        return original(self, xs)
+
+    monkeypatch.setattr(FusedTensorListOps, "norms", spy)
+    for name, kwargs in (("cblr", {"curvature": "secant"}), ("cblr", {"curvature": "secant_pooled"})):
+        _run(name, kwargs, True, steps=1)
+        first_step = len(norm_calls)
+        norm_calls.clear()
+        weights, optimizer = _run(name, kwargs, True, steps=4)
+        assert first_step > 0 and len(norm_calls) == first_step, kwargs
+        norm_calls.clear()
+        foreach_weights, foreach = _run(name, kwargs, False, steps=4)
+        _assert_relatively_close(weights, foreach_weights)
+        assert [s["grad_norm"] for s in optimizer.layer_stats().values()] == pytest.approx(
+            [s["grad_norm"] for s in foreach.layer_stats().values()], rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["mclr_adam", "cblr_adam"])

@@ -458,16 +458,19 @@ class FusedTensorListOps(ForeachTensorListOps):
             return super().norms(xs)
         return kernels.sums_of_squares(list(xs)).sqrt_().to(xs[0].dtype)
 
-    def replace(self, previous: Sequence[Tensor], current: Sequence[Tensor]) -> Tensor:
-        """:func:`replace_kernel` on every pair: the norms :math:`|p - c|`, and ``previous`` holding ``current``."""
+    def replace(self, previous: Sequence[Tensor], current: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """:func:`replace_kernel` on every pair: the norms :math:`|p - c|`, and ``previous`` holding ``current``; with
+        them the norms :math:`|c|` where the pass took them too (the C++ kernels, whose sums of squares are those of
+        :meth:`norms`), else None. Inductor's kernel does not take :math:`|c|`: its float sum of :math:`c^2` differs
+        from the foreach norm's by about 1e-7, which the denoised secants' noise subtraction amplifies past 1e-6."""
         if not previous:
-            return torch.empty(0)
+            return torch.empty(0), None
         kernels = _cpu_kernels_for(previous, current)
-        if kernels is not None:
-            squares = kernels.replace_and_difference_squares(list(previous), list(current)).to(previous[0].dtype)
-        else:
-            squares = compiled(replace_lists)(_flats(previous), _flats(current))
-        return squares.sqrt_()
+        if kernels is None:
+            return compiled(replace_lists)(_flats(previous), _flats(current)).sqrt_(), None
+        changes, currents = kernels.replace_and_difference_squares(list(previous), list(current)).to(
+            previous[0].dtype).sqrt_().unbind(1)
+        return changes, currents
 
     def adam_direction(self, grads: Sequence[Tensor], weights: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                        exp_avg_sqs: Sequence[Tensor], coefficients: Tensor) -> Tensor:

@@ -112,19 +112,21 @@ void squares_range(const T* __restrict__ x, int64_t begin, int64_t end, std::arr
   sums[0] += s0;
 }
 
-// The sum of squares of p - c, and p <- c.
+// The sums of squares of p - c and of c, and p <- c.
 template <typename T>
 void replace_range(T* __restrict__ previous, const T* __restrict__ current, int64_t begin, int64_t end,
-                   std::array<double, 1>& sums) {
-  T s0 = 0;
-#pragma omp simd reduction(+ : s0)
+                   std::array<double, 2>& sums) {
+  T s0 = 0, s1 = 0;
+#pragma omp simd reduction(+ : s0, s1)
   for (int64_t j = begin; j < end; ++j) {
     const T cj = current[j];
     const T change = previous[j] - cj;
     previous[j] = cj;
     s0 += change * change;
+    s1 += cj * cj;
   }
   sums[0] += s0;
+  sums[1] += s1;
 }
 
 template <typename T, size_t N>
@@ -218,14 +220,16 @@ template <typename T>
 torch::Tensor replace_and_difference_squares_typed(const std::vector<torch::Tensor>& previous,
                                                    const std::vector<torch::Tensor>& current) {
   const int64_t layers = static_cast<int64_t>(previous.size());
-  auto out = torch::empty({layers}, torch::dtype(torch::kFloat64));
+  auto out = torch::empty({layers, 2}, torch::dtype(torch::kFloat64));
   double* o = out.data_ptr<double>();
   for (int64_t i = 0; i < layers; ++i) {
     T* p = previous[i].data_ptr<T>();
     const T* c = current[i].data_ptr<T>();
-    o[i] = chunked_sums<1>(previous[i].numel(), [&](int64_t begin, int64_t end, std::array<double, 1>& s) {
+    const auto sums = chunked_sums<2>(previous[i].numel(), [&](int64_t begin, int64_t end, std::array<double, 2>& s) {
       replace_range<T>(p, c, begin, end, s);
-    })[0];
+    });
+    o[i * 2] = sums[0];
+    o[i * 2 + 1] = sums[1];
   }
   return out;
 }
@@ -281,7 +285,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("adam_step", &adam_step, "adam_direction and adam_update in one pass (the weights' sum: before the update)");
   module.def("adam_update", &adam_update, "w <- w - f (a w + b m / (sqrt(v) + eps)), per layer");
   module.def("replace_and_difference_squares", &replace_and_difference_squares,
-             "the sum of squares of p - c for every pair, and p <- c");
+             "the sums of squares of p - c and of c for every pair ([pairs, 2]), and p <- c");
   module.def("sums_of_squares", &sums_of_squares, "the sum of squares of every tensor, in double");
   module.def("momentum_update", &momentum_update,
              "momentum SGD's update (plain SGD with an empty buffer list) and the sum of squares of the step, per layer");

@@ -46,7 +46,8 @@ class SecantCurvature(CurvatureEstimator):
     and takes the norm, the step then uses it as the workspace of its direction, and :meth:`finish`
     copies ``g_t`` into it. So the secant costs the step no new tensor (``docs/algorithm.md``, "Numerics").
     On the fused kernels (which need no workspace) :meth:`prepare` does both in one pass instead
-    (:meth:`~hf_cblr.optim._tensor_ops.FusedTensorListOps.replace`).
+    (:meth:`~hf_cblr.optim._tensor_ops.FusedTensorListOps.replace`), which on the C++ kernels also takes
+    ``|g_t|``, so the direction takes no norm pass of its own over the gradients.
     """
 
     name = "secant"
@@ -61,8 +62,10 @@ class SecantCurvature(CurvatureEstimator):
         workspace: list[Tensor | None] = [None] * len(batch)
         known = torch.tensor(continuing, device=batch.decay.device)
         if isinstance(batch.ops, FusedTensorListOps):
-            return SecantPrelude(workspace, known, batch.sums.add_norms(batch.ops.replace(previous, current)),
-                                 holds_current=True)
+            changes, current_norms = batch.ops.replace(previous, current)
+            if current_norms is not None:  # |g_t|, which the direction reads: no pass of its own
+                batch.sums.add_norms(current_norms, of=current)
+            return SecantPrelude(workspace, known, batch.sums.add_norms(changes), holds_current=True)
         batch.ops.sub_(previous, current)  # sign is irrelevant to the norm
         for i, buffer in zip(has_previous, previous, strict=True):
             workspace[i] = buffer
