@@ -37,8 +37,8 @@ def test_a_saved_checkpoint_continues_bit_exactly(name: str) -> None:
 
 
 def test_a_checkpoint_saved_under_the_old_defaults_is_refused_under_the_new() -> None:
-    """``cblr_adam``'s defaults changed (the median of element-wise secants under the median rule): resuming its v0 checkpoint with the
-    new defaults stops, naming the setting, instead of continuing another optimizer's state."""
+    """``cblr_adam``'s defaults changed (the median of element-wise secants under the median rule): resuming its v0
+    checkpoint with the new defaults stops, naming the setting, instead of continuing another optimizer's state."""
     _, optimizer = build("cblr_adam")
     with pytest.raises(ValueError, match=r"saved with \{'curvature': 'secant_denoised'"):
         optimizer.load_state_dict(CHECKPOINTS["cblr_adam"]["optimizer"])

@@ -45,7 +45,7 @@ class AdamDirection(Direction):
 
     def preconditioner_at(self, index: int, positions: Tensor | None) -> Tensor | float:
         second_moment = self.second_moments[index].reshape(-1)
-        second_moment = second_moment if positions is None else second_moment[positions]
+        second_moment = second_moment if positions is None else second_moment.index_select(0, positions)
         return 1.0 / (second_moment.sqrt() * self.inverse_sqrt_bias_corrections2[index] + self.eps)
 
     def precondition_rows_(self, rows: list[int], values: Tensor, sampled: Callable[[TensorList], Tensor]) -> None:
@@ -84,7 +84,7 @@ class UnformedAdamDirection(AdamDirection):
     def preconditioner_at(self, index: int, positions: Tensor | None) -> Tensor | float:
         def at_positions(tensors: TensorList) -> Tensor:
             flat = tensors[0].reshape(-1)
-            return (flat if positions is None else flat[positions])[None]
+            return (flat if positions is None else flat.index_select(0, positions))[None]
 
         second_moment = self._second_moments_at([index], at_positions)[0]
         return 1.0 / (second_moment.sqrt() * self.inverse_sqrt_bias_corrections2[index] + self.eps)

@@ -36,7 +36,7 @@ class HutchinsonCurvature(CurvatureEstimator):
             batch, direction = batches[b], inputs[b].direction
             positions = self._sample_positions(batch, i)
             diagonal = (probe * product).abs_().reshape(-1)
-            diagonal = diagonal if positions is None else diagonal[positions]
+            diagonal = diagonal if positions is None else diagonal.index_select(0, positions)
             curvature = self._aggregate(diagonal * direction.preconditioner_at(i, positions))
             estimates[b][i] = curvature + batch.decay[i]
         return estimates

@@ -206,7 +206,15 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
         """``[len(rows), length]`` matrices of ``P_i |dg_i|`` and ``|dw_i|`` at the sampled elements of the layers
         ``rows``, NaN in the padding."""
         grad_change = (_padded(grads) - _padded([batch.states[i]["sample_prev_grad"] for i in rows])).abs_()
-        direction.precondition_rows_(rows, grad_change, lambda tensors: _padded(_samples(tensors, positions)))
+        # the preconditioner may read the gradients at the samples too (the one-pass Adam step forms v from them):
+        # those are gathered already
+        gathered = {id(batch.grads[i]): sample for i, sample in zip(rows, grads, strict=True)}
+
+        def sampled(tensors: TensorList) -> Tensor:
+            return _padded([gathered[id(t)] if id(t) in gathered else _samples([t], [p])[0]
+                            for t, p in zip(tensors, positions, strict=True)])
+
+        direction.precondition_rows_(rows, grad_change, sampled)
         steps = (_padded(weights) - _padded([batch.states[i]["sample_prev_weight"] for i in rows])).abs_()
         return grad_change, steps
 
@@ -228,8 +236,10 @@ def _similar_lengths(indices: list[int], lengths: list[int]) -> list[list[int]]:
 
 
 def _samples(tensors: TensorList, positions: list[Tensor | None]) -> TensorList:
-    """Each tensor's values at its flat ``positions``, as new 1-D tensors (a copy of all values where None)."""
-    return [t.reshape(-1).clone() if p is None else t.reshape(-1)[p] for t, p in zip(tensors, positions, strict=True)]
+    """Each tensor's values at its flat ``positions``, as new 1-D tensors (a copy of all values where None).
+    ``index_select``: on the CPU about 3x faster than indexing with the positions (``t[p]``), the same values."""
+    return [t.reshape(-1).clone() if p is None else t.reshape(-1).index_select(0, p)
+            for t, p in zip(tensors, positions, strict=True)]
 
 
 def _padded(samples: TensorList) -> Tensor:
