@@ -351,6 +351,10 @@ def test_cpu_kernels_equal_inductor_kernels(dtype: torch.dtype, one_minus_beta1:
 
     torch.testing.assert_close(FUSED_OPS.norms(grads), FOREACH_OPS.norms(grads), **tolerance)
 
+    positions = [torch.randperm(g.numel())[: g.numel() // 3].sort().values for g in grads[:-1]] + [None]
+    for mine, reference in zip(FUSED_OPS.gather(grads, positions), FOREACH_OPS.gather(grads, positions), strict=True):
+        assert torch.equal(mine, reference)
+
 
 def test_where_the_cpu_kernels_cannot_be_built_fused_runs_inductors_kernels(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, kernel_calls: list[str]) -> None:

@@ -148,6 +148,12 @@ class TensorListOps:
             return torch.empty(0)
         return torch.stack([torch.sum(x.to(compute_dtype(x)) * y.to(compute_dtype(x))) for x, y in zip(xs, ys, strict=True)])
 
+    def gather(self, xs: Sequence[Tensor], positions: Sequence[Tensor | None]) -> TensorList:
+        """Each tensor's values at its flat ``positions`` (int64), as new 1-D tensors (a copy of all values where None):
+        the element samples. ``index_select``: on the CPU about 3x faster than indexing with the positions (``x[p]``)."""
+        return [x.reshape(-1).clone() if p is None else x.reshape(-1).index_select(0, p)
+                for x, p in zip(xs, positions, strict=True)]
+
     def all_reduce_sum(self, vector: Tensor) -> Tensor:
         """``vector`` summed over the ranks that share the layers (in place); in one process, ``vector`` itself."""
         return vector
@@ -457,6 +463,16 @@ class FusedTensorListOps(ForeachTensorListOps):
         if kernels is None:
             return super().norms(xs)
         return kernels.sums_of_squares(list(xs)).sqrt_().to(xs[0].dtype)
+
+    def gather(self, xs: Sequence[Tensor], positions: Sequence[Tensor | None]) -> TensorList:
+        """As the base class's; on the CPU the C++ kernel, with the layers gathered in parallel (a sample's scattered
+        reads are each a cache miss, and ``index_select`` takes them one layer at a time on one thread)."""
+        sampled = [(x, p) for x, p in zip(xs, positions, strict=True) if p is not None]
+        kernels = _cpu_kernels_for([x for x, _ in sampled]) if sampled else None
+        if kernels is None:
+            return super().gather(xs, positions)
+        gathered = iter(kernels.gather([x for x, _ in sampled], [p for _, p in sampled]))
+        return [x.reshape(-1).clone() if p is None else next(gathered) for x, p in zip(xs, positions, strict=True)]
 
     def replace(self, previous: Sequence[Tensor], current: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
         """:func:`replace_kernel` on every pair: the norms :math:`|p - c|`, and ``previous`` holding ``current``; with

@@ -234,6 +234,24 @@ torch::Tensor replace_and_difference_squares_typed(const std::vector<torch::Tens
   return out;
 }
 
+template <typename T>
+std::vector<torch::Tensor> gather_typed(const std::vector<torch::Tensor>& tensors,
+                                       const std::vector<torch::Tensor>& positions) {
+  std::vector<torch::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& p : positions) out.push_back(torch::empty({p.numel()}, tensors[0].options()));
+  at::parallel_for(0, static_cast<int64_t>(tensors.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const T* x = tensors[i].data_ptr<T>();
+      const int64_t* p = positions[i].data_ptr<int64_t>();
+      T* o = out[i].data_ptr<T>();
+      const int64_t n = positions[i].numel();
+      for (int64_t j = 0; j < n; ++j) o[j] = x[p[j]];
+    }
+  });
+  return out;
+}
+
 bool is_double(const std::vector<torch::Tensor>& tensors) {
   return !tensors.empty() && tensors[0].scalar_type() == torch::kFloat64;
 }
@@ -280,6 +298,13 @@ torch::Tensor replace_and_difference_squares(const std::vector<torch::Tensor>& p
                              : replace_and_difference_squares_typed<float>(previous, current);
 }
 
+std::vector<torch::Tensor> gather(const std::vector<torch::Tensor>& tensors, const std::vector<torch::Tensor>& positions) {
+  for (size_t i = 0; i < positions.size(); ++i)
+    TORCH_CHECK(positions[i].scalar_type() == torch::kInt64 && positions[i].is_contiguous(),
+                "gather: positions must be contiguous int64");
+  return is_double(tensors) ? gather_typed<double>(tensors, positions) : gather_typed<float>(tensors, positions);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("adam_direction", &adam_direction, "Adam's moments and the sums of squares of g, m, q, d, w, per layer");
   module.def("adam_step", &adam_step, "adam_direction and adam_update in one pass (the weights' sum: before the update)");
@@ -287,6 +312,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("replace_and_difference_squares", &replace_and_difference_squares,
              "the sums of squares of p - c and of c for every pair ([pairs, 2]), and p <- c");
   module.def("sums_of_squares", &sums_of_squares, "the sum of squares of every tensor, in double");
+  module.def("gather", &gather, "every tensor's values at its flat int64 positions, the layers in parallel");
   module.def("momentum_update", &momentum_update,
              "momentum SGD's update (plain SGD with an empty buffer list) and the sum of squares of the step, per layer");
 }

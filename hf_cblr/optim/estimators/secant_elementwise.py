@@ -82,8 +82,8 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
     def _estimate(self, batch: LayerBatch, direction: Direction) -> Tensor:
         """One process, whole layers: the layers of similar sample length as one padded matrix."""
         positions = [self._sample_positions(batch, i) for i in range(len(batch))]
-        grads = _samples(batch.grads, positions)
-        weights = _samples(batch.weights, positions)
+        grads = batch.ops.gather(batch.grads, positions)
+        weights = batch.ops.gather(batch.weights, positions)
         estimate = batch.no_estimates()
         known = [i for i, state in enumerate(batch.states) if "sample_prev_grad" in state]
         for rows in _similar_lengths(known, [grads[i].numel() for i in known]):
@@ -211,8 +211,10 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
         gathered = {id(batch.grads[i]): sample for i, sample in zip(rows, grads, strict=True)}
 
         def sampled(tensors: TensorList) -> Tensor:
-            return _padded([gathered[id(t)] if id(t) in gathered else _samples([t], [p])[0]
-                            for t, p in zip(tensors, positions, strict=True)])
+            missing = [(t, p) for t, p in zip(tensors, positions, strict=True) if id(t) not in gathered]
+            gathered.update(zip((id(t) for t, _ in missing),
+                                batch.ops.gather([t for t, _ in missing], [p for _, p in missing]), strict=True))
+            return _padded([gathered[id(t)] for t in tensors])
 
         direction.precondition_rows_(rows, grad_change, sampled)
         steps = (_padded(weights) - _padded([batch.states[i]["sample_prev_weight"] for i in rows])).abs_()
@@ -233,13 +235,6 @@ def _similar_lengths(indices: list[int], lengths: list[int]) -> list[list[int]]:
     for index, length in zip(indices, lengths, strict=True):
         groups.setdefault((length - 1).bit_length(), []).append(index)
     return list(groups.values())
-
-
-def _samples(tensors: TensorList, positions: list[Tensor | None]) -> TensorList:
-    """Each tensor's values at its flat ``positions``, as new 1-D tensors (a copy of all values where None).
-    ``index_select``: on the CPU about 3x faster than indexing with the positions (``t[p]``), the same values."""
-    return [t.reshape(-1).clone() if p is None else t.reshape(-1).index_select(0, p)
-            for t, p in zip(tensors, positions, strict=True)]
 
 
 def _padded(samples: TensorList) -> Tensor:
