@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -69,41 +70,36 @@ def test_special_cases_map_their_arguments() -> None:
         MCLR([param], rate_rule="inverse_curvature")
 
 
-def test_cblr_under_the_median_rule_is_mclr() -> None:
-    """``rate_rule="median"`` makes CBLR's rates MCLR's: the same element-wise median curvature gives the same steps."""
+def _assert_step_alike(build_reference: Any, build_other: Any) -> None:
+    """Two optimizers, each built on its own copy of a two-layer model, take the same steps bit for bit over 4 steps."""
     torch.manual_seed(0)
     weights = [torch.randn(6, 5), torch.randn(4, 6)]
     models = [[nn.Parameter(w.clone()) for w in weights] for _ in range(2)]
-    optimizers = [MCLR(models[0], lr=0.05, base="adam"),
-                  CBLR(models[1], lr=0.05, base="adam", trust=1.0, curvature="secant_elementwise", aggregate="median",
-                       rate_rule="median")]
+    optimizers = [build_reference(models[0]), build_other(models[1])]
     for _ in range(4):
         x = torch.randn(8, 5)
         for params, optimizer in zip(models, optimizers, strict=True):
             optimizer.zero_grad()
             (torch.tanh(x @ params[0].T) @ params[1].T).pow(2).mean().backward()
             optimizer.step()
-    for mclr_param, cblr_param in zip(*models, strict=True):
-        torch.testing.assert_close(cblr_param, mclr_param, rtol=0, atol=0)
+    for reference, other in zip(*models, strict=True):
+        torch.testing.assert_close(other, reference, rtol=0, atol=0)
     assert not torch.equal(models[0][0], weights[0])
+
+
+def test_cblr_under_the_median_rule_is_mclr() -> None:
+    """``rate_rule="median"`` makes CBLR's rates MCLR's: the same element-wise median curvature gives the same steps."""
+    _assert_step_alike(lambda params: MCLR(params, lr=0.05, base="adam"),
+                       lambda params: CBLR(params, lr=0.05, base="adam", trust=1.0, curvature="secant_elementwise",
+                                           aggregate="median", rate_rule="median"))
 
 
 def test_the_registrys_cblr_adam_steps_as_mclr_adam() -> None:
     """The registry's ``cblr_adam`` takes the estimator that measured best on the Adam base (``docs/study.md``, "The
     default of cblr_adam"): the median of element-wise secants under the median rule, MCLR-Adam's update; a caller's
     ``curvature`` still overrides it."""
-    torch.manual_seed(0)
-    weights = [torch.randn(6, 5), torch.randn(4, 6)]
-    models = [[nn.Parameter(w.clone()) for w in weights] for _ in range(2)]
-    optimizers = [create_optimizer(models[0], "mclr_adam", lr=0.05), create_optimizer(models[1], "cblr_adam", lr=0.05)]
-    for _ in range(4):
-        x = torch.randn(8, 5)
-        for params, optimizer in zip(models, optimizers, strict=True):
-            optimizer.zero_grad()
-            (torch.tanh(x @ params[0].T) @ params[1].T).pow(2).mean().backward()
-            optimizer.step()
-    for mclr_param, cblr_param in zip(*models, strict=True):
-        torch.testing.assert_close(cblr_param, mclr_param, rtol=0, atol=0)
+    _assert_step_alike(lambda params: create_optimizer(params, "mclr_adam", lr=0.05),
+                       lambda params: create_optimizer(params, "cblr_adam", lr=0.05))
     assert create_optimizer([nn.Parameter(torch.zeros(2, 2))], "cblr_adam", curvature="secant").settings.curvature == "secant"
 
 

@@ -403,36 +403,34 @@ def test_the_default_runs_the_fused_kernels_where_they_were_measured_faster(kern
         assert kernel_calls == [], name
 
 
-def test_lamb_takes_the_weight_norms_from_the_adam_pass(monkeypatch: pytest.MonkeyPatch, kernel_calls: list[str]) -> None:
-    """On the fused kernels LAMB's ``|w|`` comes out of the Adam reduction pass, which reads ``w`` anyway: no norm pass
-    over the weights (the batch's sums remember the norms a kernel took, ``LayerSums.add_norms``)."""
-    norm_calls: list[int] = []
+@pytest.fixture
+def norm_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The lengths of the tensor lists the fused ops take norm passes over, as they are called."""
+    calls: list[int] = []
     original = FusedTensorListOps.norms
 
     def spy(self: FusedTensorListOps, xs: Any) -> Any:
-        norm_calls.append(len(xs))
+        calls.append(len(xs))
         return original(self, xs)
 
     monkeypatch.setattr(FusedTensorListOps, "norms", spy)
+    yield calls
+
+
+def test_lamb_takes_the_weight_norms_from_the_adam_pass(kernel_calls: list[str], norm_calls: list[int]) -> None:
+    """On the fused kernels LAMB's ``|w|`` comes out of the Adam reduction pass, which reads ``w`` anyway: no norm pass
+    over the weights (the batch's sums remember the norms a kernel took, ``LayerSums.add_norms``)."""
     weights, _ = _run("lamb", {}, True, steps=3)
     assert "adam_direction" in kernel_calls and norm_calls == []
     _assert_relatively_close(weights, _run("lamb", {}, False, steps=3)[0])
 
 
-def test_the_secant_takes_the_gradient_norms_from_its_replace_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_secant_takes_the_gradient_norms_from_its_replace_pass(norm_calls: list[int]) -> None:
     """On the C++ kernels the secant's pass over ``g_{t-1}`` and ``g_t`` also takes ``|g_t|``, which the SGD direction
     reads: from the second step (the first with a previous gradient) the step takes no norm pass, with the numbers of
     the foreach kernels."""
     if cpu_kernels() is None:
         pytest.skip("the C++ kernels cannot be built here")
-    norm_calls: list[int] = []
-    original = FusedTensorListOps.norms
-
-    def spy(self: FusedTensorListOps, xs: Any) -> Any:
-        norm_calls.append(len(xs))
-        return original(self, xs)
-
-    monkeypatch.setattr(FusedTensorListOps, "norms", spy)
     for name, kwargs in (("cblr", {"curvature": "secant"}), ("cblr", {"curvature": "secant_pooled"})):
         _run(name, kwargs, True, steps=1)
         first_step = len(norm_calls)
