@@ -449,7 +449,10 @@ class FusedTensorListOps(ForeachTensorListOps):
     None: a chunk of another length would be another graph). Each runs the C++ kernels where :func:`_cpu_kernels_for`
     finds them, else the Inductor-compiled list kernel, which emits every layer's pass in one call (Triton kernels on
     the GPU), so the per-call cost (Dynamo's guards, the wrapper) is paid once per group, not once per layer. Their
-    per-layer sums of squares go through :meth:`all_reduce_sum`, as the foreach path's norms do.
+    per-layer sums of squares are those of the tensors they get: on ZeRO fragments (``fused=True``) this rank's
+    partial sums, which the bases take through the batch's :class:`~hf_cblr.optim.types.LayerSums` into the step's one
+    all-reduce (on fragments the bases run the two-pass Adam step and momentum SGD's fragment update, whose norms come
+    before the update).
     """
 
     def chunk_elements(self, tensors: Sequence[Tensor]) -> int | None:
@@ -499,7 +502,7 @@ class FusedTensorListOps(ForeachTensorListOps):
         else:
             sums = compiled(adam_direction_lists)(_flats(grads), _flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs),
                                                   coefficients)
-        return self.all_reduce_sum(sums)
+        return sums
 
     def adam_update(self, weights: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
                     coefficients: Tensor, factors: Tensor) -> None:
@@ -522,7 +525,7 @@ class FusedTensorListOps(ForeachTensorListOps):
         else:
             sums = compiled(adam_step_lists)(_flats(grads), _flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs),
                                              coefficients, factors)
-        return self.all_reduce_sum(sums)
+        return sums
 
     def momentum_update(self, grads: Sequence[Tensor], weights: Sequence[Tensor], buffers: Sequence[Tensor] | None,
                         coefficients: Tensor) -> Tensor:
@@ -537,7 +540,7 @@ class FusedTensorListOps(ForeachTensorListOps):
             sums = compiled(plain_update_lists)(_flats(grads), _flats(weights), coefficients)
         else:
             sums = compiled(momentum_update_lists)(_flats(grads), _flats(weights), _flats(buffers), coefficients)
-        return self.all_reduce_sum(sums)
+        return sums
 
 
 def _cpu_kernels_for(*lists: Sequence[Tensor]) -> ModuleType | None:
@@ -572,18 +575,19 @@ def select_ops(foreach: bool | None, tensors: Sequence[Tensor], fused: bool | No
                whole_layers: bool = False) -> TensorListOps:
     """Pick the kernel path.
 
-    The fused kernels take whole layers only (``whole_layers``: not ZeRO fragments or DTensor shards, whose sums are
-    reduced over the ranks). ``fused=True`` picks them where they run on the tensors' device: on the CPU the C++ kernels
-    where they build, else (and off the CPU) Inductor's where it compiles; else, with one logged warning, as if
-    ``fused=False``. ``fused=None`` (the default) picks them, with ``foreach=None``, where they were measured faster
-    than the foreach kernels (``docs/benchmarks.md``, "The fused step"): on whole layers of contiguous fp32 or fp64 CPU
-    tensors, where the C++ kernels build; elsewhere (the GPU, where they are not measured yet; bf16 parameters) it is
-    ``fused=False``. Then ``foreach=None`` means foreach unless a tensor is sparse or on the meta device.
+    ``fused=True`` picks the fused kernels where they run on the tensors' device: on the CPU the C++ kernels where they
+    build, else (and off the CPU) Inductor's where it compiles; else, with one logged warning, as if ``fused=False``;
+    on ZeRO fragments too (their sums are partial, reduced over the ranks with the step's other sums). ``fused=None``
+    (the default) picks them, with ``foreach=None``, where they were measured faster than the foreach kernels
+    (``docs/benchmarks.md``, "The fused step"): on whole layers (``whole_layers``) of contiguous fp32 or fp64 CPU
+    tensors, where the C++ kernels build; elsewhere (the GPU, where they are not measured yet; bf16 parameters; ZeRO
+    fragments) it is ``fused=False``. DTensor shards take the foreach kernels (their source names no ``fused``). Then
+    ``foreach=None`` means foreach unless a tensor is sparse or on the meta device.
     """
     unsupported = any(t.is_sparse or t.device.type == "meta" for t in tensors)
     if fused is None:
         fused = foreach is None and whole_layers and not unsupported and _cpu_kernels_for(tensors) is not None
-    if fused and whole_layers and tensors and not unsupported and fused_kernels_run_on(tensors[0].device.type):
+    if fused and tensors and not unsupported and fused_kernels_run_on(tensors[0].device.type):
         return FUSED_OPS
     if foreach is None:
         foreach = not unsupported

@@ -106,10 +106,11 @@ class CBLR(Optimizer):
             (:class:`~hf_cblr.optim._tensor_ops.FusedTensorListOps`): C++ on the CPU (built on a machine's first step,
             about 25 s), Inductor-compiled elsewhere (the first step compiles; lr, rates and step counts are kernel
             inputs, so later steps do not recompile). Where neither can be built, one warning is logged and the foreach
-            kernels run. Applies to the optimizer's own layers; ZeRO partitions and FSDP2 shards run the foreach
-            kernels. ``None`` (default): fused where measured faster, on contiguous fp32/fp64 CPU layers where the C++
-            kernels build, else foreach (:func:`~hf_cblr.optim._tensor_ops.select_ops`; ``docs/benchmarks.md``, "The
-            fused step"). ``fused=True`` with ``foreach=True`` is an error, as in torch.
+            kernels run. ``True`` applies to the optimizer's own layers and to ZeRO partitions (each rank's fragments,
+            their partial sums in the step's one all-reduce); FSDP2 shards run the foreach kernels. ``None`` (default):
+            fused where measured faster, on whole contiguous fp32/fp64 CPU layers where the C++ kernels build, else
+            foreach (:func:`~hf_cblr.optim._tensor_ops.select_ops`; ``docs/benchmarks.md``, "The fused step").
+            ``fused=True`` with ``foreach=True`` is an error, as in torch.
         partition_layout: where a sharding engine puts the layers once it replaces a param group's parameters by
             one flat partition (:class:`~hf_cblr.optim.partitioned.PartitionLayout`). Default (None): DeepSpeed
             ZeRO's, read from the attributes it sets on the parameters.
@@ -144,7 +145,7 @@ class CBLR(Optimizer):
         self._last_layer_stats: dict[str, tuple[dict[str, Tensor], int]] = {}
         # The layer sources: under DeepSpeed ZeRO the groups hold flat partitions (this keeps the layers behind them);
         # else the groups' own parameters are the layers.
-        self._partitioned = PartitionedLayers(config.partition_layout)
+        self._partitioned = PartitionedLayers(config.partition_layout, self.fused)
         #: FSDP2: the groups hold DTensor shards of the layers
         self.dtensor_layers = DTensorLayers()
         self._local = LocalLayers(self.fused)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hf_cblr.optim._tensor_ops import ForeachTensorListOps, TensorListOps, select_ops
+from hf_cblr.optim._tensor_ops import ForeachTensorListOps, FusedTensorListOps, TensorListOps, select_ops
 from hf_cblr.optim.estimators import CurvatureEstimator
 from hf_cblr.optim.param_groups import layer_names
 from hf_cblr.optim.types import LayerBatch, LayerFragment, LayerSums, StateKind, layer_batch
@@ -95,8 +95,19 @@ class ReducingForeachTensorListOps(_ReducingOps, ForeachTensorListOps):
         self.distributor = distributor
 
 
+class ReducingFusedTensorListOps(_ReducingOps, FusedTensorListOps):
+    """The fused kernels on the rank's fragments (their sums of squares are partial, taken through the batch's
+    :class:`~hf_cblr.optim.types.LayerSums` into the step's one all-reduce); ``norms`` and ``dot`` summed over the
+    ranks (one all-reduce per call)."""
+
+    def __init__(self, distributor: Distributor) -> None:
+        self.distributor = distributor
+
+
 def reducing_ops(local: TensorListOps, distributor: Distributor) -> TensorListOps:
     """``local``'s kernels, with norms and inner products summed over ``distributor``'s ranks."""
+    if isinstance(local, FusedTensorListOps):
+        return ReducingFusedTensorListOps(distributor)
     if isinstance(local, ForeachTensorListOps):
         return ReducingForeachTensorListOps(distributor)
     return ReducingTensorListOps(distributor)
@@ -233,11 +244,14 @@ class PartitionedLayers:
     reduced over the ranks) and :meth:`store` keeps their state in the partition, by the kind each state
     entry declares (:class:`~hf_cblr.optim.types.StateKind`). DeepSpeed calls ``step``
     once per param group under ZeRO-1/2 (``stage_1_and_2.py: _optimizer_step``), once per sub-group
-    under ZeRO-3 (``stage3.py: _optimizer_step``) and once for all groups with the BF16 optimizer.
+    under ZeRO-3 (``stage3.py: _optimizer_step``) and once for all groups with the BF16 optimizer. ``fused``: the
+    optimizer's setting; ``fused=True`` runs the fused kernels on the fragments (the default does not: not measured
+    there), whose partial sums go into the step's one all-reduce as the foreach kernels' do.
     """
 
-    def __init__(self, layout: PartitionLayout | None = None) -> None:
+    def __init__(self, layout: PartitionLayout | None = None, fused: bool | None = None) -> None:
         self.layout = DeepSpeedLayout() if layout is None else layout
+        self.fused = fused
         self._records: dict[int, _GroupRecord] = {}
         self._partitions: dict[int, Partition] = {}
         self._stepped: list[Partition] = []
@@ -298,8 +312,8 @@ class PartitionedLayers:
                 names=partition.names,
                 layer_ids=[partition.record.first_layer_id + f.index for f in partition.fragments],
                 ndims=[len(f.shape) for f in partition.fragments],
-                ops=reducing_ops(select_ops(foreach, [flat]), partition.distributor),
-                sums=LayerSums(select_ops(foreach, [flat]), partition.distributor.all_reduce_sum),
+                ops=reducing_ops(select_ops(foreach, [flat], self.fused), partition.distributor),
+                sums=LayerSums(select_ops(foreach, [flat], self.fused), partition.distributor.all_reduce_sum),
                 fragments=partition.fragments,
             ))
         if rates_need_all_layers:

@@ -141,7 +141,7 @@ class Adam(BaseDirection):
         if isinstance(ops, FusedTensorListOps):
             return self._fused_direction(batch, ops, sqrt_bias_corrections2, scales,
                                          [value != 0 for value in decay], gains=gains,
-                                         one_pass=not norms_before_update and not gains)
+                                         one_pass=not norms_before_update and not gains and batch.fragments is None)
         decayed = [i for i, value in enumerate(decay) if value != 0]
         ops.lerp_(exp_avgs, grads, 1 - beta1)
         ops.mul_(exp_avg_sqs, beta2)
@@ -203,9 +203,10 @@ class Adam(BaseDirection):
             unknown = torch.full((len(batch),), math.nan, dtype=batch.decay.dtype, device=batch.decay.device)
             return UnformedAdamDirection(**formed, grad_norms=unknown, tensor_norms=unknown.clone(), one_pass=True,
                                          grads=list(batch.grads))
-        sums = ops.adam_direction(batch.grads, batch.weights, exp_avgs, exp_avg_sqs, coefficients)
-        grad_norms, momentum_norms, q_norms, direction_norms, weight_norms = sums.sqrt().unbind(1)
-        batch.sums.add_norms(weight_norms, of=batch.weights)  # |w| for the weight-norm curvature (LAMB): no other pass
+        sums = ops.adam_direction(batch.grads, batch.weights, exp_avgs, exp_avg_sqs, coefficients).sqrt().unbind(1)
+        # on fragments partial norms, reduced with the step's other sums; |w| for the weight-norm curvature (LAMB)
+        grad_norms, momentum_norms, q_norms, direction_norms = (batch.sums.add_norms(norms) for norms in sums[:4])
+        batch.sums.add_norms(sums[4], of=batch.weights)
         return UnformedAdamDirection(
             **formed, grad_norms=grad_norms, tensor_norms=direction_norms,
             momentum_norms=momentum_norms if gains else None, quotient_norms=q_norms if gains else None,

@@ -52,9 +52,10 @@ class MomentumSGD(BaseDirection):
     def direction(self, batch: LayerBatch, workspace: list[Tensor | None], steps: list[float] | None, *,
                   gains: bool, norms_before_update: bool = True) -> Direction:
         """``d = g + beta w`` (new tensors only where ``beta != 0``; on the fused kernels, formed by :meth:`update`; on
-        fragments with the sums of :class:`FragmentSGDDirection`)."""
+        fragments with the sums of :class:`FragmentSGDDirection`, whose update norms come from sums taken before the
+        step's all-reduce, also on the fused kernels, whose update pass takes its norms after it)."""
         grad_norms = batch.sums.norms(batch.grads)
-        if isinstance(batch.ops, FusedTensorListOps):
+        if isinstance(batch.ops, FusedTensorListOps) and batch.fragments is None:
             return UnformedSGDDirection(list(batch.grads), grad_norms)
         tensors = plus_decay(batch, list(batch.grads), workspace)
         if batch.fragments is None:
