@@ -46,7 +46,7 @@ worker = _load("ds_zero_worker", WORKER)
 @cache
 def reference(case: str) -> tuple[dict[str, Tensor], dict[str, dict[str, float]], int]:
     """The parameters, layer statistics and optimizer state bytes of a single-process run without DeepSpeed."""
-    return single_process_run(worker, case)
+    return single_process_run(worker, case, fused=None)  # the default, which the ranks run on their partitions
 
 
 def run_worker(ranks: int, *args: str, script: Path = WORKER) -> None:

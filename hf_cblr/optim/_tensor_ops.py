@@ -148,6 +148,14 @@ class TensorListOps:
             return torch.empty(0)
         return torch.stack([torch.sum(x.to(compute_dtype(x)) * y.to(compute_dtype(x))) for x, y in zip(xs, ys, strict=True)])
 
+    def fp64_dots(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+        r""":math:`\langle x, y \rangle` of every pair, summed in fp64 over fp64 products (exact products for fp32 and
+        bf16 elements): the sums behind the momentum-SGD update norms on fragments, where :math:`|b|^2 - 2\langle b, d
+        \rangle + |d|^2` cancels digits."""
+        if not xs:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.stack([_fp64_dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys, strict=True)])
+
     def gather(self, xs: Sequence[Tensor], positions: Sequence[Tensor | None]) -> TensorList:
         """Each tensor's values at its flat ``positions`` (int64), as new 1-D tensors (a copy of all values where None):
         the element samples. ``index_select``: on the CPU about 3x faster than indexing with the positions (``x[p]``)."""
@@ -467,6 +475,14 @@ class FusedTensorListOps(ForeachTensorListOps):
             return super().norms(xs)
         return kernels.sums_of_squares(list(xs)).sqrt_().to(xs[0].dtype)
 
+    def fp64_dots(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+        """As the base class's; on the CPU the C++ kernel, which converts each element as it reads it instead of making
+        fp64 copies of both tensors (about 6x the bytes of the pass)."""
+        kernels = _cpu_kernels_for(xs, ys) if xs else None
+        if kernels is None:
+            return super().fp64_dots(xs, ys)
+        return kernels.fp64_dots(list(xs), list(ys))
+
     def gather(self, xs: Sequence[Tensor], positions: Sequence[Tensor | None]) -> TensorList:
         """As the base class's; on the CPU the C++ kernel, with the layers gathered in parallel (a sample's scattered
         reads are each a cache miss, and ``index_select`` takes them one layer at a time on one thread)."""
@@ -555,6 +571,19 @@ def _cpu_kernels_for(*lists: Sequence[Tensor]) -> ModuleType | None:
     return cpu_kernels()
 
 
+#: Elements per fp64 copy in :func:`_fp64_dot`: 2 MiB of fp64, so the copies stay in the cache.
+FP64_DOT_CHUNK = 1 << 18
+
+
+def _fp64_dot(x: Tensor, y: Tensor) -> Tensor:
+    """``<x, y>`` of two 1-D tensors over fp64 copies of :data:`FP64_DOT_CHUNK` elements at a time (copies of the
+    whole tensors would cost about 6x the bytes of the pass, and the memory)."""
+    if x.numel() <= FP64_DOT_CHUNK:
+        return torch.dot(x.double(), y.double())
+    return torch.stack([torch.dot(a.double(), b.double())
+                        for a, b in zip(x.split(FP64_DOT_CHUNK), y.split(FP64_DOT_CHUNK), strict=True)]).sum()
+
+
 def _flats(tensors: Sequence[Tensor]) -> TensorList:
     """:func:`_flat` of every tensor."""
     return [_flat(tensor) for tensor in tensors]
@@ -571,22 +600,21 @@ FOREACH_OPS = ForeachTensorListOps()
 FUSED_OPS = FusedTensorListOps()
 
 
-def select_ops(foreach: bool | None, tensors: Sequence[Tensor], fused: bool | None = None, *,
-               whole_layers: bool = False) -> TensorListOps:
-    """Pick the kernel path.
+def select_ops(foreach: bool | None, tensors: Sequence[Tensor], fused: bool | None = None) -> TensorListOps:
+    """Pick the kernel path: the one place that does.
 
     ``fused=True`` picks the fused kernels where they run on the tensors' device: on the CPU the C++ kernels where they
-    build, else (and off the CPU) Inductor's where it compiles; else, with one logged warning, as if ``fused=False``;
-    on ZeRO fragments too (their sums are partial, reduced over the ranks with the step's other sums). ``fused=None``
-    (the default) picks them, with ``foreach=None``, where they were measured faster than the foreach kernels
-    (``docs/benchmarks.md``, "The fused step"): on whole layers (``whole_layers``) of contiguous fp32 or fp64 CPU
-    tensors, where the C++ kernels build; elsewhere (the GPU, where they are not measured yet; bf16 parameters; ZeRO
-    fragments) it is ``fused=False``. DTensor shards take the foreach kernels (their source names no ``fused``). Then
-    ``foreach=None`` means foreach unless a tensor is sparse or on the meta device.
+    build, else (and off the CPU) Inductor's where it compiles; else, with one logged warning, as if ``fused=False``.
+    They take whole layers and ZeRO fragments alike (on fragments their sums are partial, reduced over the ranks with
+    the step's other sums). ``fused=None`` (the default) picks them, with ``foreach=None``, where they were measured
+    faster than the foreach kernels (``docs/benchmarks.md``, "The fused step"): on contiguous fp32 or fp64 CPU tensors,
+    where the C++ kernels build; elsewhere (the GPU, where they are not measured yet; bf16 parameters) it is
+    ``fused=False``. DTensor shards (FSDP2) take ``fused=False``. Then ``foreach=None`` means foreach unless a tensor
+    is sparse or on the meta device.
     """
     unsupported = any(t.is_sparse or t.device.type == "meta" for t in tensors)
     if fused is None:
-        fused = foreach is None and whole_layers and not unsupported and _cpu_kernels_for(tensors) is not None
+        fused = foreach is None and not unsupported and _cpu_kernels_for(tensors) is not None
     if fused and tensors and not unsupported and fused_kernels_run_on(tensors[0].device.type):
         return FUSED_OPS
     if foreach is None:

@@ -106,10 +106,10 @@ class CBLR(Optimizer):
             (:class:`~hf_cblr.optim._tensor_ops.FusedTensorListOps`): C++ on the CPU (built on a machine's first step,
             about 25 s), Inductor-compiled elsewhere (the first step compiles; lr, rates and step counts are kernel
             inputs, so later steps do not recompile). Where neither can be built, one warning is logged and the foreach
-            kernels run. ``True`` applies to the optimizer's own layers and to ZeRO partitions (each rank's fragments,
-            their partial sums in the step's one all-reduce); FSDP2 shards run the foreach kernels. ``None`` (default):
-            fused where measured faster, on whole contiguous fp32/fp64 CPU layers where the C++ kernels build, else
-            foreach (:func:`~hf_cblr.optim._tensor_ops.select_ops`; ``docs/benchmarks.md``, "The fused step").
+            kernels run. It applies to the optimizer's own layers and to ZeRO partitions (each rank's fragments, their
+            partial sums in the step's one all-reduce); FSDP2 shards run the foreach kernels. ``None`` (default): fused
+            where measured faster, on contiguous fp32/fp64 CPU layers or ZeRO partitions where the C++ kernels build,
+            else foreach (:func:`~hf_cblr.optim._tensor_ops.select_ops`; ``docs/benchmarks.md``, "The fused step").
             ``fused=True`` with ``foreach=True`` is an error, as in torch.
         partition_layout: where a sharding engine puts the layers once it replaces a param group's parameters by
             one flat partition (:class:`~hf_cblr.optim.partitioned.PartitionLayout`). Default (None): DeepSpeed

@@ -156,7 +156,7 @@ class DTensorLayers:
             grads.append(grad)
             states.append(layer_state)
         assert self.distributor is not None
-        ops = select_ops(foreach, locals_)
+        ops = select_ops(foreach, locals_, fused=False)  # the fused kernels are not wired to shards
         return layer_batch(
             group, locals_, grads, states, names=[names[j] for j, _ in layers],
             layer_ids=[first_layer_id + j for j, _ in layers], ndims=[param.ndim for _, param in layers],

@@ -59,7 +59,7 @@ class LocalLayers:
                 batches.append(layer_batch(
                     group, params, [p.grad for p in params], [state[p] for p in params],
                     names=[names[j] for j, _ in members], layer_ids=[first_layer_id + j for j, _ in members],
-                    ndims=[layer_ndim(p) for p in params], ops=select_ops(foreach, params, self.fused, whole_layers=True),
+                    ndims=[layer_ndim(p) for p in params], ops=select_ops(foreach, params, self.fused),
                 ))
             first_layer_id += len(group["params"])
         return batches

@@ -245,8 +245,8 @@ class PartitionedLayers:
     entry declares (:class:`~hf_cblr.optim.types.StateKind`). DeepSpeed calls ``step``
     once per param group under ZeRO-1/2 (``stage_1_and_2.py: _optimizer_step``), once per sub-group
     under ZeRO-3 (``stage3.py: _optimizer_step``) and once for all groups with the BF16 optimizer. ``fused``: the
-    optimizer's setting; ``fused=True`` runs the fused kernels on the fragments (the default does not: not measured
-    there), whose partial sums go into the step's one all-reduce as the foreach kernels' do.
+    optimizer's setting, as on whole layers (:func:`~hf_cblr.optim._tensor_ops.select_ops`): the fused kernels' partial
+    sums on the fragments go into the step's one all-reduce as the foreach kernels' do.
     """
 
     def __init__(self, layout: PartitionLayout | None = None, fused: bool | None = None) -> None:

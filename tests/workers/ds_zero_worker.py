@@ -54,14 +54,14 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "mclr-sampled": ("mclr", {"lr": 0.1, "sample_size": 64, "weight_decay": 1e-2}),
     "mclr_adam-sampled": ("mclr_adam", {"lr": 1e-2, "sample_size": 64, "weight_decay": 1e-2}),
     "mclr": ("mclr", {"lr": 0.1, "weight_decay": 1e-2}),
-    # the fused kernels on the fragments (fused=True): their partial sums in the step's one all-reduce
-    "lamb-fused": ("lamb", {"lr": 1e-2, "weight_decay": 1e-2, "fused": True}),
-    "cblr-secant-fused": ("cblr", {"lr": 0.1, "trust": 0.1, "curvature": "secant", "weight_decay": 1e-2, "fused": True}),
-    "cblr_adam-fused": ("cblr_adam", {"lr": 1e-2, "sample_size": 64, "weight_decay": 1e-2, "fused": True}),
+    # the other cases run the default, the fused kernels on the CPU's partitions; these the foreach kernels
+    "lamb-foreach": ("lamb", {"lr": 1e-2, "weight_decay": 1e-2, "fused": False}),
+    "cblr-secant-foreach": ("cblr", {"lr": 0.1, "trust": 0.1, "curvature": "secant", "weight_decay": 1e-2, "fused": False}),
+    "cblr_adam": ("cblr_adam", {"lr": 1e-2, "sample_size": 64, "weight_decay": 1e-2}),
 }
 JSON_TYPES = {"lars": "LARS", "cblr-secant": "CBLR", "mclr": "MCLR"}
 #: MCLR's median over the adapted layers needs them all in one step: under ZeRO-3 one sub-group per param group.
-WHOLE_GROUP_STEPS = {"mclr-sampled", "mclr_adam-sampled", "mclr", "cblr_adam-fused"}
+WHOLE_GROUP_STEPS = {"mclr-sampled", "mclr_adam-sampled", "mclr", "cblr_adam"}
 PLAIN_DEEPSPEED = {"cblr-weight_norm", "cblr_adam-secant"}
 
 

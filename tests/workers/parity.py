@@ -12,14 +12,15 @@ from torch import Tensor
 import hf_cblr
 
 
-def single_process_run(worker: ModuleType, case: str) -> tuple[dict[str, Tensor], dict[str, dict[str, float]], int]:
+def single_process_run(worker: ModuleType, case: str, fused: bool | None = False,
+                       ) -> tuple[dict[str, Tensor], dict[str, dict[str, float]], int]:
     """The parameters, layer statistics and optimizer state bytes of ``worker``'s ``case`` (its ``CASES``, ``STEPS``,
     ``build_model``, ``batch``, ``loss_fn`` and ``state_bytes``) trained in one process, without a sharding engine, on
-    the kernels that the sharded ranks run: the foreach kernels unless the case names ``fused`` (the fused kernels, the
-    default on whole CPU layers, round otherwise)."""
+    the kernels that the sharded ranks run (the fused and foreach kernels round differently): ``fused`` unless the case
+    names its own (False: the foreach kernels of FSDP2's shards; None: the default, as ZeRO's ranks run it)."""
     name, kwargs = worker.CASES[case]
     model = worker.build_model()
-    optimizer = hf_cblr.create_optimizer(model, name, **{"fused": False, **kwargs})
+    optimizer = hf_cblr.create_optimizer(model, name, **{"fused": fused, **kwargs})
     for step in range(worker.STEPS):
         inputs, targets = worker.batch(step)
         optimizer.zero_grad()

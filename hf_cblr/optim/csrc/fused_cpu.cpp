@@ -202,6 +202,31 @@ torch::Tensor momentum_update_typed(const std::vector<torch::Tensor>& grads, con
   return out;
 }
 
+// The sum of x y over [begin, end), each product and the sum in double (exact products for float elements).
+template <typename T>
+void fp64_dot_range(const T* __restrict__ x, const T* __restrict__ y, int64_t begin, int64_t end,
+                    std::array<double, 1>& sums) {
+  double s0 = 0;
+#pragma omp simd reduction(+ : s0)
+  for (int64_t j = begin; j < end; ++j) s0 += static_cast<double>(x[j]) * static_cast<double>(y[j]);
+  sums[0] += s0;
+}
+
+template <typename T>
+torch::Tensor fp64_dots_typed(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& ys) {
+  const int64_t layers = static_cast<int64_t>(xs.size());
+  auto out = torch::empty({layers}, torch::dtype(torch::kFloat64));
+  double* o = out.data_ptr<double>();
+  for (int64_t i = 0; i < layers; ++i) {
+    const T* x = xs[i].data_ptr<T>();
+    const T* y = ys[i].data_ptr<T>();
+    o[i] = chunked_sums<1>(xs[i].numel(), [&](int64_t begin, int64_t end, std::array<double, 1>& s) {
+      fp64_dot_range<T>(x, y, begin, end, s);
+    })[0];
+  }
+  return out;
+}
+
 template <typename T>
 torch::Tensor sums_of_squares_typed(const std::vector<torch::Tensor>& tensors) {
   const int64_t layers = static_cast<int64_t>(tensors.size());
@@ -298,6 +323,10 @@ torch::Tensor replace_and_difference_squares(const std::vector<torch::Tensor>& p
                              : replace_and_difference_squares_typed<float>(previous, current);
 }
 
+torch::Tensor fp64_dots(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& ys) {
+  return is_double(xs) ? fp64_dots_typed<double>(xs, ys) : fp64_dots_typed<float>(xs, ys);
+}
+
 std::vector<torch::Tensor> gather(const std::vector<torch::Tensor>& tensors, const std::vector<torch::Tensor>& positions) {
   for (size_t i = 0; i < positions.size(); ++i)
     TORCH_CHECK(positions[i].scalar_type() == torch::kInt64 && positions[i].is_contiguous(),
@@ -312,6 +341,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("replace_and_difference_squares", &replace_and_difference_squares,
              "the sums of squares of p - c and of c for every pair ([pairs, 2]), and p <- c");
   module.def("sums_of_squares", &sums_of_squares, "the sum of squares of every tensor, in double");
+  module.def("fp64_dots", &fp64_dots, "the inner product of every pair, products and sums in double");
   module.def("gather", &gather, "every tensor's values at its flat int64 positions, the layers in parallel");
   module.def("momentum_update", &momentum_update,
              "momentum SGD's update (plain SGD with an empty buffer list) and the sum of squares of the step, per layer");

@@ -64,10 +64,10 @@ class MomentumSGD(BaseDirection):
         buffers = [state["momentum_buffer"] for state, known in zip(batch.states, continuing, strict=True) if known]
         continued = [d for d, known in zip(tensors, continuing, strict=True) if known]
         return FragmentSGDDirection(
-            tensors, grad_norms, direction_squares=batch.sums.add(_fp64_products(tensors, tensors)),
+            tensors, grad_norms, direction_squares=batch.sums.add(batch.ops.fp64_dots(tensors, tensors)),
             continuing=torch.tensor(continuing, device=batch.decay.device),
-            buffer_squares=batch.sums.add(_fp64_products(buffers, buffers)),
-            buffer_products=batch.sums.add(_fp64_products(buffers, continued)))
+            buffer_squares=batch.sums.add(batch.ops.fp64_dots(buffers, buffers)),
+            buffer_products=batch.sums.add(batch.ops.fp64_dots(buffers, continued)))
 
     def update(self, batch: LayerBatch, direction: Direction, rates: Tensor) -> Tensor:
         lr = batch.group["lr"]
@@ -153,10 +153,3 @@ class MomentumSGD(BaseDirection):
             return buffers
         ops.add_(scaled, buffers, alpha=momentum)
         return scaled
-
-
-def _fp64_products(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-    r""":math:`\langle x, y \rangle` of every pair, summed in fp64 over fp64 products (exact for fp32 and bf16 elements)."""
-    if not xs:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.stack([torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(xs, ys, strict=True)])
