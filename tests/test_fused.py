@@ -351,6 +351,8 @@ def test_cpu_kernels_equal_inductor_kernels(dtype: torch.dtype, one_minus_beta1:
 
     torch.testing.assert_close(FUSED_OPS.norms(grads), FOREACH_OPS.norms(grads), **tolerance)
 
+    for xs, ys in ((grads, grads), (grads, previous)):  # fp64 products summed in fp64: equal to the summation order
+        torch.testing.assert_close(FUSED_OPS.fp64_dots(xs, ys), FOREACH_OPS.fp64_dots(xs, ys), rtol=1e-12, atol=1e-9)
     positions = [torch.randperm(g.numel())[: g.numel() // 3].sort().values for g in grads[:-1]] + [None]
     for mine, reference in zip(FUSED_OPS.gather(grads, positions), FOREACH_OPS.gather(grads, positions), strict=True):
         assert torch.equal(mine, reference)
