@@ -126,8 +126,8 @@ def optim_args_of(cell: dict[str, Any]) -> str | None:
 
     items: dict[str, str] = {}
     for source in (cell.get("registry_settings"), cell.get("optim_args")):
-        for key in parse_optim_args(source):
-            items[key] = next(item.strip() for item in source.split(",") if item.partition("=")[0].strip() == key)
+        parse_optim_args(source)  # the error names a malformed or repeated item
+        items.update((item.partition("=")[0].strip(), item.strip()) for item in (source or "").split(",") if item.strip())
     return ",".join(items.values()) or None
 
 

@@ -478,7 +478,7 @@ class FusedTensorListOps(ForeachTensorListOps):
     def fp64_dots(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
         """As the base class's; on the CPU the C++ kernel, which converts each element as it reads it instead of making
         fp64 copies of both tensors (about 6x the bytes of the pass)."""
-        kernels = _cpu_kernels_for(xs, ys) if xs else None
+        kernels = _cpu_kernels_for(xs, ys)
         if kernels is None:
             return super().fp64_dots(xs, ys)
         return kernels.fp64_dots(list(xs), list(ys))
@@ -487,7 +487,7 @@ class FusedTensorListOps(ForeachTensorListOps):
         """As the base class's; on the CPU the C++ kernel, with the layers gathered in parallel (a sample's scattered
         reads are each a cache miss, and ``index_select`` takes them one layer at a time on one thread)."""
         sampled = [(x, p) for x, p in zip(xs, positions, strict=True) if p is not None]
-        kernels = _cpu_kernels_for([x for x, _ in sampled]) if sampled else None
+        kernels = _cpu_kernels_for([x for x, _ in sampled])
         if kernels is None:
             return super().gather(xs, positions)
         gathered = iter(kernels.gather([x for x, _ in sampled], [p for _, p in sampled]))
@@ -513,12 +513,10 @@ class FusedTensorListOps(ForeachTensorListOps):
         the moments, and the ``[layers, 5]`` sums of squares of ``g, m, q, d, w``."""
         kernels = _cpu_kernels_for(grads, weights, exp_avgs, exp_avg_sqs)
         if kernels is not None:
-            sums = kernels.adam_direction(list(grads), list(weights), list(exp_avgs), list(exp_avg_sqs),
+            return kernels.adam_direction(list(grads), list(weights), list(exp_avgs), list(exp_avg_sqs),
                                           coefficients.double()).to(grads[0].dtype)
-        else:
-            sums = compiled(adam_direction_lists)(_flats(grads), _flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs),
-                                                  coefficients)
-        return sums
+        return compiled(adam_direction_lists)(_flats(grads), _flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs),
+                                              coefficients)
 
     def adam_update(self, weights: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
                     coefficients: Tensor, factors: Tensor) -> None:
@@ -536,12 +534,10 @@ class FusedTensorListOps(ForeachTensorListOps):
         the ``[layers, 5]`` sums of squares of ``g, m, q, d, w``."""
         kernels = _cpu_kernels_for(grads, weights, exp_avgs, exp_avg_sqs)
         if kernels is not None:
-            sums = kernels.adam_step(list(grads), list(weights), list(exp_avgs), list(exp_avg_sqs), coefficients.double(),
+            return kernels.adam_step(list(grads), list(weights), list(exp_avgs), list(exp_avg_sqs), coefficients.double(),
                                      factors.double()).to(grads[0].dtype)
-        else:
-            sums = compiled(adam_step_lists)(_flats(grads), _flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs),
-                                             coefficients, factors)
-        return sums
+        return compiled(adam_step_lists)(_flats(grads), _flats(weights), _flats(exp_avgs), _flats(exp_avg_sqs),
+                                         coefficients, factors)
 
     def momentum_update(self, grads: Sequence[Tensor], weights: Sequence[Tensor], buffers: Sequence[Tensor] | None,
                         coefficients: Tensor) -> Tensor:
@@ -550,13 +546,11 @@ class FusedTensorListOps(ForeachTensorListOps):
         returns the sums of squares of the steps."""
         kernels = _cpu_kernels_for(grads, weights, buffers or [])
         if kernels is not None:
-            sums = kernels.momentum_update(list(grads), list(weights), list(buffers or []), coefficients.double())
-            sums = sums.to(grads[0].dtype)
-        elif buffers is None:
-            sums = compiled(plain_update_lists)(_flats(grads), _flats(weights), coefficients)
-        else:
-            sums = compiled(momentum_update_lists)(_flats(grads), _flats(weights), _flats(buffers), coefficients)
-        return sums
+            return kernels.momentum_update(list(grads), list(weights), list(buffers or []),
+                                           coefficients.double()).to(grads[0].dtype)
+        if buffers is None:
+            return compiled(plain_update_lists)(_flats(grads), _flats(weights), coefficients)
+        return compiled(momentum_update_lists)(_flats(grads), _flats(weights), _flats(buffers), coefficients)
 
 
 def _cpu_kernels_for(*lists: Sequence[Tensor]) -> ModuleType | None:

@@ -65,7 +65,8 @@ class _ReducingOps(TensorListOps):
     part of the step that calls ``ops.norms`` or ``ops.dot`` instead of taking its sums through the batch's
     :class:`~hf_cblr.optim.types.LayerSums` (which every part shipped with the package does)."""
 
-    distributor: Distributor
+    def __init__(self, distributor: Distributor) -> None:
+        self.distributor = distributor
 
     def norms(self, xs: Sequence[Tensor]) -> Tensor:
         if not xs:
@@ -84,24 +85,15 @@ class _ReducingOps(TensorListOps):
 class ReducingTensorListOps(_ReducingOps, TensorListOps):
     """The single-tensor kernels; ``norms`` and ``dot`` summed over the ranks (one all-reduce per call)."""
 
-    def __init__(self, distributor: Distributor) -> None:
-        self.distributor = distributor
-
 
 class ReducingForeachTensorListOps(_ReducingOps, ForeachTensorListOps):
     """The foreach kernels; ``norms`` and ``dot`` summed over the ranks (one all-reduce per call)."""
-
-    def __init__(self, distributor: Distributor) -> None:
-        self.distributor = distributor
 
 
 class ReducingFusedTensorListOps(_ReducingOps, FusedTensorListOps):
     """The fused kernels on the rank's fragments (their sums of squares are partial, taken through the batch's
     :class:`~hf_cblr.optim.types.LayerSums` into the step's one all-reduce); ``norms`` and ``dot`` summed over the
     ranks (one all-reduce per call)."""
-
-    def __init__(self, distributor: Distributor) -> None:
-        self.distributor = distributor
 
 
 def reducing_ops(local: TensorListOps, distributor: Distributor) -> TensorListOps:
@@ -307,13 +299,14 @@ class PartitionedLayers:
                 continue
             partition = self._partition(flat, self._records[id(group)], state, new_state, schema)
             self._stepped.append(partition)
+            local_ops = select_ops(foreach, [flat], self.fused)
             batches.append(layer_batch(
                 group, partition.local(flat), partition.local(flat.grad), partition.layer_states,
                 names=partition.names,
                 layer_ids=[partition.record.first_layer_id + f.index for f in partition.fragments],
                 ndims=[len(f.shape) for f in partition.fragments],
-                ops=reducing_ops(select_ops(foreach, [flat], self.fused), partition.distributor),
-                sums=LayerSums(select_ops(foreach, [flat], self.fused), partition.distributor.all_reduce_sum),
+                ops=reducing_ops(local_ops, partition.distributor),
+                sums=LayerSums(local_ops, partition.distributor.all_reduce_sum),
                 fragments=partition.fragments,
             ))
         if rates_need_all_layers:

@@ -77,7 +77,7 @@ register_optimizer(OptimInfo("lars", LARS, "LARS = CBLR with the weight-norm cur
 # On the Adam base the curvature that every estimator measures rises over a fine-tune, which CBLR's absolute rule turns
 # into rates falling on top of the lr schedule; the median rule cancels that common drift. Of the per-layer curvatures
 # measured under it (docs/study.md, "The default of cblr_adam"), only the median of element-wise secants reached LAMB at
-# batch 1024 (5 seeds: 0.812 +- 0.011 against 0.806 +- 0.011; the pooled layer secant 0.798 +- 0.009), so the registry's
+# batch 1024 (5 seeds: 0.812 +- 0.010 against 0.806 +- 0.011; the pooled layer secant 0.798 +- 0.009), so the registry's
 # cblr_adam takes it: the same update as mclr_adam, which fixes what cblr_adam lets the caller change. CBLR(base="adam")
 # keeps the paper's rule.
 register_optimizer(OptimInfo("cblr_adam", CBLR, "curvature-based layer rate on the Adam direction",

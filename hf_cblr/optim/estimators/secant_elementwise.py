@@ -97,8 +97,7 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
 
     def _row_estimates(self, grad_changes: Tensor, steps: Tensor) -> Tensor:
         """Per row of :meth:`_changes`: ``agg_i(P_i |dg_i| / |dw_i|)`` over the elements that moved (NaN where none)."""
-        moved = steps > NEGLIGIBLE_STEP_FRACTION * steps.nanmean(dim=1, keepdim=True)
-        curvatures = torch.where(moved, grad_changes / steps, math.nan)
+        curvatures = torch.where(moved_elements(steps), grad_changes / steps, math.nan)
         return curvatures.nanmedian(dim=1).values if self.aggregate == "median" else curvatures.nanmean(dim=1)
 
     def _secant(self, grad_change: Tensor, weight_change: Tensor) -> Tensor:
@@ -219,6 +218,12 @@ class ElementwiseSecantCurvature(CurvatureEstimator):
         direction.precondition_rows_(rows, grad_change, sampled)
         steps = (_padded(weights) - _padded([batch.states[i]["sample_prev_weight"] for i in rows])).abs_()
         return grad_change, steps
+
+
+def moved_elements(steps: Tensor) -> Tensor:
+    """Per row of a ``[layers, length]`` matrix of ``|dw_i|`` (NaN padding): the elements whose step is not negligible,
+    ``|dw_i| > 10^-3 mean_j |dw_j|`` (:data:`NEGLIGIBLE_STEP_FRACTION`); the others carry no secant information."""
+    return steps > NEGLIGIBLE_STEP_FRACTION * steps.nanmean(dim=1, keepdim=True)
 
 
 def _offsets(lengths: list[int]) -> list[int]:

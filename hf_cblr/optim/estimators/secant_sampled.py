@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from hf_cblr.optim.estimators.base import register_curvature_estimator
-from hf_cblr.optim.estimators.secant_elementwise import NEGLIGIBLE_STEP_FRACTION, ElementwiseSecantCurvature
+from hf_cblr.optim.estimators.secant_elementwise import ElementwiseSecantCurvature, moved_elements
 
 
 @register_curvature_estimator
@@ -34,7 +34,7 @@ class SampledSecantCurvature(ElementwiseSecantCurvature):
     elementwise = False  # a layer's secant, not an aggregate of per-element curvatures (MCLR takes those)
 
     def _row_estimates(self, grad_changes: Tensor, steps: Tensor) -> Tensor:
-        moved = steps > NEGLIGIBLE_STEP_FRACTION * steps.nanmean(dim=1, keepdim=True)
+        moved = moved_elements(steps)
         signal = torch.where(moved, grad_changes.square(), 0.0).sum(dim=1)
         length = torch.where(moved, steps.square(), 0.0).sum(dim=1)
         return torch.where(length > 0, (signal / length).sqrt(), math.nan)
